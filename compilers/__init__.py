@@ -1,0 +1,24 @@
+"""Teleprompters that distil a staged multi-step RAG teacher into a local student."""
+
+from steper_dspy.compilers.filters import GroundedStepFilter, StepFilter
+from steper_dspy.compilers.harvest import HarvestReport, example_id, harvest
+from steper_dspy.compilers.steper import STEPER, StepwiseKD, VanillaKD
+from steper_dspy.compilers.store import ChainRecord, HarvestStore
+from steper_dspy.compilers.student import load_compiled, run_on_student, save_compiled, student_adapter
+
+__all__ = [
+    "STEPER",
+    "ChainRecord",
+    "GroundedStepFilter",
+    "HarvestReport",
+    "HarvestStore",
+    "StepFilter",
+    "StepwiseKD",
+    "VanillaKD",
+    "example_id",
+    "harvest",
+    "load_compiled",
+    "run_on_student",
+    "save_compiled",
+    "student_adapter",
+]

@@ -1,0 +1,228 @@
+"""Harvesting: run a teacher program over a trainset, trace it, and keep stage-tagged step samples."""
+
+import hashlib
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.parallelizer import ParallelExecutor
+from steper_dspy.compilers.filters import StepFilter
+from steper_dspy.compilers.store import ChainRecord, HarvestStore
+from steper_dspy.programs.stages import stage_by_predictor_id
+from tqdm.auto import tqdm
+
+from steper_dspy.stages import STAGES
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[..., Any]
+
+
+@dataclass
+class HarvestReport:
+    """What a harvest produced: chains kept and dropped (and why), and step samples per stage."""
+
+    path: Path
+    chains: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    samples_by_stage: dict[str, int] = field(default_factory=dict)
+    filtered_steps: dict[str, int] = field(default_factory=dict)
+    new_chains: int = 0
+    lm_failures: int = 0
+
+    @classmethod
+    def from_store(cls, store: HarvestStore, *, new_chains: int = 0, lm_failures: int = 0) -> "HarvestReport":
+        report = cls(path=store.path, new_chains=new_chains, lm_failures=lm_failures)
+        dropped: Counter[str] = Counter()
+        filtered: Counter[str] = Counter()
+        per_stage: Counter[str] = Counter({stage.value: 0 for stage in STAGES})
+        for record in store.records():
+            report.chains += 1
+            if record.kept:
+                report.kept += 1
+                per_stage.update(sample["stage"] for sample in record.samples)
+                filtered.update(record.filtered)
+            else:
+                dropped[record.reason or "unknown"] += 1
+        report.dropped, report.filtered_steps, report.samples_by_stage = dict(dropped), dict(filtered), dict(per_stage)
+        return report
+
+    def summary(self) -> str:
+        """A few lines for a person: chains kept and dropped (and why), samples per stage."""
+        stages = ", ".join(f"{stage} {n}" for stage, n in self.samples_by_stage.items())
+        dropped = ", ".join(f"{why} {n}" for why, n in sorted(self.dropped.items())) or "none"
+        lines = [
+            f"harvest {self.path}: {self.chains} chains ({self.new_chains} new), {self.kept} kept, dropped: {dropped}",
+            f"step samples: {stages}",
+        ]
+        if self.filtered_steps:
+            lines.append(
+                "steps dropped by the step filter: " + ", ".join(f"{k} {v}" for k, v in self.filtered_steps.items())
+            )
+        if self.lm_failures:
+            lines.append(f"{self.lm_failures} chains failed on teacher errors and will be retried by a rerun")
+        return "\n".join(lines)
+
+
+def example_id(example: dspy.Example) -> str:
+    """The example's `id` field, or a stable hash of its question."""
+    if example.get("id") is not None:
+        return str(example.id)
+    return hashlib.sha256(str(example.question).encode()).hexdigest()[:16]
+
+
+def harvest(
+    student: dspy.Module,
+    teacher: dspy.Module,
+    trainset: Sequence[dspy.Example],
+    store: HarvestStore,
+    *,
+    metric: Metric,
+    threshold: float = 1.0,
+    rollouts: int = 1,
+    rollout_temperature: float = 0.7,
+    step_filter: StepFilter | None = None,
+    adapter: dspy.ChatAdapter | None = None,
+    num_threads: int = 1,
+    progress: bool = True,
+) -> HarvestReport:
+    """Run `teacher` on every (example, rollout) not yet in `store` and append one chain record each.
+
+    Each predictor call of a chain becomes one sample tagged with its stage (from the program's stage
+    mapping, by predictor identity) and step index, formatted with `adapter` against the STUDENT's
+    signature and without demonstrations, exactly as the student will be prompted at inference.
+
+    Args:
+        student: The program the samples are for (gives each predictor's signature).
+        teacher: The program that produces the chains; same predictor names and stages as `student`.
+        trainset: Examples with a `question` input and the labels `metric` needs.
+        store: Where chains are appended; chains already there are skipped (resume).
+        metric: ``metric(example, prediction, trace)``; a chain is kept when its score >= `threshold`.
+        threshold: Least score for a chain to be kept.
+        rollouts: Teacher chains per question; rollouts after the first sample at `rollout_temperature`.
+        rollout_temperature: Sampling temperature of the extra rollouts.
+        step_filter: Optional filter that drops single steps of kept chains.
+        adapter: The adapter the student will be prompted with (default ``ChatAdapter``).
+        num_threads: Parallel teacher calls (useful for API teachers).
+        progress: Show a progress bar.
+
+    Returns:
+        The report over the whole store, old and new chains.
+    """
+    adapter = adapter or dspy.ChatAdapter()
+    signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
+    jobs = [
+        (example, rollout)
+        for rollout in range(rollouts)
+        for example in trainset
+        if (example_id(example), rollout) not in store
+    ]
+    teachers = {rollout: _teacher_for_rollout(teacher, rollout, rollout_temperature) for rollout in range(rollouts)}
+    stage_maps = {rollout: stage_by_predictor_id(program) for rollout, program in teachers.items()}
+    bar = tqdm(total=len(jobs), desc="harvest", unit="chain", disable=not progress, dynamic_ncols=True)
+    lock = threading.Lock()
+    counts = Counter({"kept": len([r for r in store.records() if r.kept])})
+
+    def run(job: tuple[dspy.Example, int]) -> None:
+        example, rollout = job
+        record = _run_chain(
+            teachers[rollout],
+            stage_maps[rollout],
+            example,
+            rollout,
+            signatures,
+            adapter,
+            metric,
+            threshold,
+            step_filter,
+        )
+        if record is None:
+            counts["lm_failures"] += 1
+        else:
+            store.append(record)
+            counts["kept" if record.kept else "dropped"] += 1
+        with lock:
+            bar.update()
+            bar.set_postfix(kept=counts["kept"], dropped=counts["dropped"], errors=counts["lm_failures"])
+
+    executor = ParallelExecutor(
+        num_threads=num_threads, max_errors=len(jobs) + 1, disable_progress_bar=True, timeout=10**6
+    )
+    try:
+        executor.execute(run, jobs)
+    finally:
+        bar.close()
+    return HarvestReport.from_store(
+        store, new_chains=len(jobs) - counts["lm_failures"], lm_failures=counts["lm_failures"]
+    )
+
+
+def _teacher_for_rollout(teacher: dspy.Module, rollout: int, temperature: float) -> dspy.Module:
+    if rollout == 0:
+        return teacher
+    sampled = teacher.deepcopy()
+    for predictor in sampled.predictors():
+        lm = predictor.lm or dspy.settings.lm
+        if lm is None:
+            raise ValueError("The teacher has no LM: pass teacher=dspy.LM(...) or set one on its predictors.")
+        predictor.lm = lm.copy(rollout_id=rollout, temperature=temperature)
+    return sampled
+
+
+def _run_chain(
+    teacher: dspy.Module,
+    stages: dict[int, tuple[str, Any]],
+    example: dspy.Example,
+    rollout: int,
+    signatures: dict[str, type[dspy.Signature]],
+    adapter: dspy.ChatAdapter,
+    metric: Metric,
+    threshold: float,
+    step_filter: StepFilter | None,
+) -> ChainRecord | None:
+    eid = example_id(example)
+    with dspy.context(trace=[]):
+        try:
+            prediction = teacher(**example.inputs())
+        except AdapterParseError:
+            return ChainRecord(eid, rollout, kept=False, reason="parse_error", score=0.0)
+        except Exception as err:  # a teacher that fails after its retries: not recorded, so a rerun retries it
+            logger.warning("teacher failed on %s: %s: %s", eid, type(err).__name__, err)
+            return None
+        trace = list(dspy.settings.trace)
+    score = float(metric(example, prediction, None))
+    answer = prediction.get("answer")
+    if score < threshold:
+        return ChainRecord(eid, rollout, kept=False, reason="metric", score=score, answer=answer)
+
+    samples, filtered = [], Counter()
+    for step, (predictor, inputs, outputs) in enumerate(trace):
+        name, stage = stages[id(predictor)]
+        signature = signatures[name]
+        inputs = {k: v for k, v in inputs.items() if k in signature.input_fields}
+        outputs = {k: outputs[k] for k in signature.output_fields}
+        if step_filter is not None and (why := step_filter(stage.value, inputs, outputs)):
+            filtered[why] += 1
+            continue
+        formatted = adapter.format_finetune_data(signature=signature, demos=[], inputs=inputs, outputs=outputs)
+        samples.append(
+            {
+                "messages": formatted["messages"],
+                "stage": stage.value,
+                "step": step,
+                "predictor": name,
+                "example_id": eid,
+                "rollout": rollout,
+                "score": score,
+            }
+        )
+    return ChainRecord(
+        eid, rollout, kept=True, reason=None, score=score, answer=answer, samples=samples, filtered=dict(filtered)
+    )
