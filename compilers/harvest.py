@@ -12,11 +12,11 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.parallelizer import ParallelExecutor
+from tqdm.auto import tqdm
+
 from steper_dspy.compilers.filters import StepFilter
 from steper_dspy.compilers.store import ChainRecord, HarvestStore
 from steper_dspy.programs.stages import stage_by_predictor_id
-from tqdm.auto import tqdm
-
 from steper_dspy.stages import STAGES
 
 logger = logging.getLogger(__name__)

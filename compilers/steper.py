@@ -8,14 +8,14 @@ from typing import Any
 
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
+
 from steper_dspy.compilers.filters import StepFilter
 from steper_dspy.compilers.harvest import HarvestReport, Metric, harvest
 from steper_dspy.compilers.store import HarvestStore
 from steper_dspy.compilers.student import run_on_student, save_compiled, student_adapter
+from steper_dspy.errors import SteperError
 from steper_dspy.evals.metrics import answer_exact_match
 from steper_dspy.programs.stages import predictor_stages
-
-from steper_dspy.errors import SteperError
 from steper_dspy.training import TrainingConfig, TrainingResult, train_student
 
 logger = logging.getLogger(__name__)

@@ -2,9 +2,9 @@ import json
 
 import dspy
 import pytest
+
 from steper_dspy.compilers import GroundedStepFilter, HarvestStore, harvest, student_adapter
 from steper_dspy.programs import IRCoT
-
 from tests.scripted import ListRetriever, scripted_teacher
 
 PASSAGES = [

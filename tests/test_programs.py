@@ -1,10 +1,10 @@
 import dspy
 import pytest
 from dspy.utils import DummyLM
-from steper_dspy.programs import IRCoT, SelfAsk, predictor_stages, stage_by_predictor_id
-from steper_dspy.programs.signatures import InitializeReasoning
 
 from steper_dspy import Stage, SteperError
+from steper_dspy.programs import IRCoT, SelfAsk, predictor_stages, stage_by_predictor_id
+from steper_dspy.programs.signatures import InitializeReasoning
 
 
 class CountingRetriever:

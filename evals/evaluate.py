@@ -1,0 +1,170 @@
+"""Evaluate a multi-hop program once with `dspy.Evaluate` and report EM, F1, accuracy, failures, steps and recall."""
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from steper_dspy.errors import SteperError
+from steper_dspy.evals.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
+
+
+@dataclass
+class EvaluationReport:
+    """Scores of one evaluation run; `em`, `f1`, `accuracy` and `recall` are percentages (0-100).
+
+    Attributes:
+        em: Exact match over all questions (failures count as 0).
+        f1: Token F1 over all questions.
+        accuracy: Share of predictions that contain a gold answer.
+        failures: Predictions that raised or came back without an answer (e.g. a student's unparseable output).
+        avg_steps: Mean `pred.steps` over the predictions that report it, else `None`.
+        recall: Mean share of an example's `supporting_titles` found among `pred.passages` ("Title | text"),
+            over the examples that have supporting titles, else `None`.
+        by_type: Per `example.type`: `em`, `f1`, `accuracy` (percentages) and `count`.
+        by_hops: The same per `example.hops`.
+        rows: One dict a question: `id`, `question`, `gold`, `predicted`, `em`, `f1`, `accuracy`, `steps`, `type`,
+            `hops`, `recall`, `failed`.
+    """
+
+    em: float
+    f1: float
+    accuracy: float
+    failures: int
+    avg_steps: float | None
+    recall: float | None
+    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_hops: dict[int, dict[str, float]] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | None]:
+        """The headline numbers as one flat dict: em, f1, accuracy, failures, avg_steps, recall, n."""
+        return {
+            "em": self.em,
+            "f1": self.f1,
+            "accuracy": self.accuracy,
+            "failures": self.failures,
+            "avg_steps": self.avg_steps,
+            "recall": self.recall,
+            "n": len(self.rows),
+        }
+
+
+def evaluate_program(
+    program: dspy.Module,
+    devset: list[dspy.Example],
+    *,
+    num_threads: int = 1,
+    display_progress: bool = True,
+    lm: dspy.LM | None = None,
+) -> EvaluationReport:
+    """Run `program` on every question once and score its answers.
+
+    The run goes through `dspy.Evaluate` (metric: answer F1) with room for every question to fail: errors are
+    scored 0 and counted, never a reason to cancel the run.
+
+    Args:
+        program: A module called as `program(question=...)`, returning a prediction with `answer` and optionally
+            `passages` (strings "Title | text") and `steps`.
+        devset: The questions (`dspy.Example`s with `answer`, optionally `answer_aliases`, `supporting_titles`,
+            `type`, `hops`).
+        num_threads: Parallel threads for `dspy.Evaluate`.
+        display_progress: Show DSPy's progress bar.
+        lm: Run under `dspy.context(lm=lm)`; by default the configured LM (or the program's own) is used.
+
+    Returns:
+        The report.
+
+    Raises:
+        SteperError: The devset is empty.
+    """
+    if not devset:
+        raise SteperError("The devset is empty: pass at least one question to evaluate.")
+    evaluator = dspy.Evaluate(
+        devset=devset,
+        metric=answer_f1,
+        num_threads=num_threads,
+        display_progress=display_progress,
+        # Evaluate cancels once errors reach max_errors; one more than the devset size means never.
+        max_errors=len(devset) + 1,
+        failure_score=0.0,
+        provide_traceback=False,
+    )
+    with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
+        result = evaluator(program)
+    return build_report([(example, prediction) for example, prediction, _ in result.results])
+
+
+def build_report(results: Iterable[tuple[dspy.Example, Any]]) -> EvaluationReport:
+    """Score `(example, prediction)` pairs into a report (a prediction of `None` counts as a failure)."""
+    rows = [_score_row(example, prediction) for example, prediction in results]
+    steps = [row["steps"] for row in rows if row["steps"] is not None]
+    recalls = [row["recall"] for row in rows if row["recall"] is not None]
+    totals = _aggregate(rows)
+    return EvaluationReport(
+        em=totals["em"],
+        f1=totals["f1"],
+        accuracy=totals["accuracy"],
+        failures=sum(row["failed"] for row in rows),
+        avg_steps=sum(steps) / len(steps) if steps else None,
+        recall=100 * sum(recalls) / len(recalls) if recalls else None,
+        by_type=_group(rows, "type"),
+        by_hops=_group(rows, "hops"),
+        rows=rows,
+    )
+
+
+def _score_row(example: dspy.Example, prediction: Any) -> dict:
+    predicted = predicted_answer(prediction)
+    gold_titles = list(getattr(example, "supporting_titles", None) or [])
+    return {
+        "id": getattr(example, "id", None),
+        "question": getattr(example, "question", None),
+        "gold": getattr(example, "answer", None),
+        "predicted": predicted,
+        "em": answer_exact_match(example, prediction),
+        "f1": answer_f1(example, prediction),
+        "accuracy": answer_accuracy(example, prediction),
+        "steps": _steps(prediction),
+        "type": getattr(example, "type", None),
+        "hops": getattr(example, "hops", None),
+        "recall": _title_recall(gold_titles, getattr(prediction, "passages", None)) if gold_titles else None,
+        "failed": predicted is None,
+    }
+
+
+def _steps(prediction: Any) -> int | float | None:
+    steps = getattr(prediction, "steps", None)
+    return steps if isinstance(steps, int | float) and not isinstance(steps, bool) else None
+
+
+def _title_recall(gold_titles: list[str], passages: Any) -> float:
+    retrieved = {_passage_title(p) for p in passages or []}
+    return sum(title in retrieved for title in gold_titles) / len(gold_titles)
+
+
+def _passage_title(passage: Any) -> str:
+    if isinstance(passage, dict):
+        return str(passage.get("title", ""))
+    return str(passage).split(" | ", 1)[0].strip()
+
+
+def _aggregate(rows: list[dict]) -> dict[str, float]:
+    n = len(rows)
+    return {
+        "em": 100 * sum(row["em"] for row in rows) / n,
+        "f1": 100 * sum(row["f1"] for row in rows) / n,
+        "accuracy": 100 * sum(row["accuracy"] for row in rows) / n,
+        "count": n,
+    }
+
+
+def _group(rows: list[dict], key: str) -> dict:
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        if row[key] is not None:
+            groups.setdefault(row[key], []).append(row)
+    ordered = sorted(groups.items(), key=lambda item: (isinstance(item[0], str), item[0]))
+    return {value: _aggregate(members) for value, members in ordered}

@@ -1,0 +1,116 @@
+"""evaluate_program on hand-written modules that answer from a dict: scores, failures, steps, recall, groups."""
+
+import dspy
+import pytest
+from dspy.utils.dummies import DummyLM
+
+from steper_dspy.errors import SteperError
+from steper_dspy.evals.evaluate import EvaluationReport, evaluate_program
+
+
+def make(i, question, answer, titles, qtype, hops, aliases=()):
+    return dspy.Example(
+        id=f"q{i}", question=question, answer=answer, answer_aliases=list(aliases), supporting_titles=titles,
+        type=qtype, hops=hops,
+    ).with_inputs("question")
+
+
+DEVSET = [
+    make(0, "Where was A born?", "Quessa", ["A", "Quessa"], "bridge", 2),
+    make(1, "Who is older, B or C?", "Varo Meltin", ["B", "C"], "comparison", 2),
+    make(2, "Which country hosts D's employer?", "United States", ["D", "E", "F"], "compositional", 3,
+         aliases=["USA"]),
+    make(3, "What year was G founded?", "1931", ["G", "H", "I", "J"], "compositional", 4),
+]
+
+# Per question: answer, passages (titles only matter), steps.
+ANSWERS = {
+    "Where was A born?": ("Quessa", ["A | A was born in Quessa.", "Quessa | Quessa is a city."], 2),  # em, recall 1
+    "Who is older, B or C?": ("Meltin", ["B | ...", "X | ..."], 3),  # f1 2/3, recall 1/2
+    "Which country hosts D's employer?": ("It is the USA", ["D | ...", "E | ...", "F | ..."], 4),  # acc, recall 1
+    "What year was G founded?": ("1930", [], 5),  # wrong, recall 0
+}
+
+
+class DictProgram(dspy.Module):
+    """Answers from a dict, like a multi-step RAG program would, without any LM."""
+
+    def __init__(self, answers, fail_on=(), omit_answer_on=()):
+        super().__init__()
+        self.answers, self.fail_on, self.omit_answer_on = answers, set(fail_on), set(omit_answer_on)
+        self.seen_lms = []
+
+    def forward(self, question):
+        self.seen_lms.append(dspy.settings.lm)
+        if question in self.fail_on:
+            raise RuntimeError("the student produced unparseable output")
+        answer, passages, steps = self.answers[question]
+        if question in self.omit_answer_on:
+            return dspy.Prediction(rationales=["I am not sure."], passages=passages, steps=steps)
+        return dspy.Prediction(answer=answer, rationales=["..."] * steps, passages=passages, steps=steps)
+
+
+def test_scores_steps_recall_and_groups():
+    report = evaluate_program(DictProgram(ANSWERS), DEVSET, display_progress=False)
+    assert isinstance(report, EvaluationReport)
+    assert report.em == pytest.approx(25.0)
+    assert report.f1 == pytest.approx(100 * (1 + 2 / 3 + 0.5) / 4)  # "it is usa" vs "usa": P 1/3, R 1 -> 0.5
+    assert report.accuracy == pytest.approx(50.0)
+    assert report.failures == 0
+    assert report.avg_steps == pytest.approx(3.5)
+    assert report.recall == pytest.approx(100 * (1 + 0.5 + 1 + 0) / 4)
+    assert report.by_type["compositional"] == pytest.approx({"em": 0.0, "f1": 25.0, "accuracy": 50.0, "count": 2})
+    assert report.by_type["bridge"]["em"] == 100.0
+    assert list(report.by_hops) == [2, 3, 4]
+    assert report.by_hops[2] == pytest.approx({"em": 50.0, "f1": 100 * (1 + 2 / 3) / 2, "accuracy": 50.0, "count": 2})
+    first = report.rows[0]
+    assert {k: first[k] for k in ("id", "question", "gold", "predicted", "em", "f1", "accuracy", "steps", "type",
+                                  "hops")} == {
+        "id": "q0", "question": "Where was A born?", "gold": "Quessa", "predicted": "Quessa", "em": True, "f1": 1.0,
+        "accuracy": True, "steps": 2, "type": "bridge", "hops": 2,
+    }
+    assert report.summary() == pytest.approx(
+        {"em": 25.0, "f1": report.f1, "accuracy": 50.0, "failures": 0, "avg_steps": 3.5, "recall": 62.5, "n": 4}
+    )
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_errors_and_missing_answers_are_counted_not_fatal(num_threads):
+    program = DictProgram(ANSWERS, fail_on={DEVSET[0].question}, omit_answer_on={DEVSET[2].question})
+    report = evaluate_program(program, DEVSET, num_threads=num_threads, display_progress=False)
+    assert report.failures == 2
+    assert [row["failed"] for row in report.rows] == [True, False, True, False]
+    assert [row["predicted"] for row in report.rows] == [None, "Meltin", None, "1930"]
+    assert report.em == 0.0
+    assert report.f1 == pytest.approx(100 * (2 / 3) / 4)
+    assert report.rows[0]["steps"] is None and report.rows[2]["steps"] == 4
+    assert report.recall == pytest.approx(100 * (0 + 0.5 + 1 + 0) / 4)
+
+
+def test_a_run_where_every_question_fails_still_reports():
+    program = DictProgram(ANSWERS, fail_on=set(ANSWERS))
+    report = evaluate_program(program, DEVSET, display_progress=False)
+    assert report.failures == len(DEVSET)
+    assert report.summary()["em"] == 0.0
+    assert report.avg_steps is None
+
+
+def test_lm_is_set_for_the_run_only():
+    lm = DummyLM([{"answer": "unused"}])
+    program = DictProgram(ANSWERS)
+    evaluate_program(program, DEVSET[:2], lm=lm, num_threads=2, display_progress=False)
+    assert program.seen_lms == [lm, lm]
+    assert dspy.settings.lm is not lm
+
+
+def test_examples_without_gold_titles_or_groups():
+    devset = [dspy.Example(question="Where was A born?", answer="Quessa").with_inputs("question")]
+    report = evaluate_program(DictProgram(ANSWERS), devset, display_progress=False)
+    assert report.recall is None
+    assert report.by_type == {} and report.by_hops == {}
+    assert report.summary()["n"] == 1
+
+
+def test_empty_devset_is_a_user_error():
+    with pytest.raises(SteperError, match="devset is empty"):
+        evaluate_program(DictProgram(ANSWERS), [], display_progress=False)
