@@ -113,11 +113,24 @@ class STEPER(Teleprompter):
         Returns:
             A copy of `student` whose predictors run on the trained student model.
         """
-        predictor_stages(student)
-        teacher_program = self._prepare_teacher(student, teacher)
-        self.harvest_report = self._harvest(student, teacher_program, trainset)
-        self.training_result = self._train()
+        self.harvest(student, trainset=trainset, teacher=teacher)
+        self.train()
         return self._compiled_program(student, self.training_result.output_dir)
+
+    def harvest(
+        self, student: dspy.Module, *, trainset: list[dspy.Example], teacher: dspy.LM | dspy.Module
+    ) -> HarvestReport:
+        """The first half of ``compile``: run the teacher and append its chains to the harvest file (resumable)."""
+        predictor_stages(student)
+        self.harvest_report = self._harvest(student, self._prepare_teacher(student, teacher), trainset)
+        return self.harvest_report
+
+    def train(self) -> TrainingResult:
+        """The second half of ``compile``: train the student on the harvest file's kept samples."""
+        if not self.harvest_path.exists():
+            raise SteperError(f"No harvest at {self.harvest_path}: harvest first (`steper harvest` or compile).")
+        self.training_result = self._train()
+        return self.training_result
 
     def _prepare_teacher(self, student: dspy.Module, teacher: dspy.LM | dspy.Module) -> dspy.Module:
         if isinstance(teacher, dspy.Module):
@@ -150,7 +163,7 @@ class STEPER(Teleprompter):
         logger.info(report.summary())
         if self.progress:
             print(report.summary())
-        if report.kept == 0:
+        if report.kept == 0 and report.chains:
             raise SteperError(
                 f"No teacher chain passed the metric ({report.chains} tried, dropped: {report.dropped}); "
                 "use a stronger teacher, more rollouts, or a lower threshold."
@@ -158,7 +171,9 @@ class STEPER(Teleprompter):
         return report
 
     def _train(self) -> TrainingResult:
-        samples = HarvestStore(self.harvest_path).samples()
+        samples = list(HarvestStore(self.harvest_path).samples())
+        if not samples:
+            raise SteperError(f"{self.harvest_path} holds no kept chain: use a stronger teacher or a lower threshold.")
         return train_student(
             samples, self.student_model, self.output_dir / "model", self.training, progress=self.progress
         )

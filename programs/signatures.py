@@ -4,8 +4,8 @@ import dspy
 
 
 class InitializeReasoning(dspy.Signature):
-    """Read the passages and write ONE short sentence stating the first fact needed to answer the question.
-    Use only facts from the passages. Do not answer yet unless one fact answers it."""
+    """Write ONE short sentence with the first fact needed to answer the question, taken from the passages.
+    Name the entities exactly as the passages do."""
 
     question: str = dspy.InputField()
     passages: list[str] = dspy.InputField(desc="passages retrieved for the question")
@@ -13,19 +13,20 @@ class InitializeReasoning(dspy.Signature):
 
 
 class ExpandReasoning(dspy.Signature):
-    """Given the facts found so far and the passages, write ONE short sentence with the next fact needed to
-    answer the question. Use only facts from the passages. Then say whether the facts now suffice to answer."""
+    """Write ONE short sentence with the NEXT fact needed to answer the question, taken from the passages.
+    It must be new: follow the chain from the entity in the last fact. Then say whether the facts so far
+    are enough to answer the question."""
 
     question: str = dspy.InputField()
     passages: list[str] = dspy.InputField(desc="all passages retrieved so far")
     rationales: list[str] = dspy.InputField(desc="facts found so far, in order")
     rationale: str = dspy.OutputField(desc="one sentence with the next fact from the passages")
-    sufficient: bool = dspy.OutputField(desc="True if the facts so far answer the question")
+    sufficient: bool = dspy.OutputField(desc="True if the facts so far are enough to answer")
 
 
 class AggregateReasoning(dspy.Signature):
-    """Combine the facts found so far into one short final sentence, then give the answer as a short span
-    (a name, a date, a place, yes or no), not a sentence."""
+    """Answer the question from the facts and the passages: write one short sentence that concludes the
+    reasoning, then give the answer as a short span (a name, a year, a place), not a sentence."""
 
     question: str = dspy.InputField()
     passages: list[str] = dspy.InputField(desc="all passages retrieved so far")

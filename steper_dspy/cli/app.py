@@ -1,0 +1,379 @@
+"""The `steper` command line: harvest, train, compile, eval and quickstart."""
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.report import console, results_table, write_report
+from steper_dspy.cli.run import Timings, load_task, make_teleprompter, run_eval, save_student_program, teacher_lm
+from steper_dspy.cli.specs import make_lm
+
+app = typer.Typer(
+    help="Compile multi-step retrieval-augmented reasoning programs into small local models (STEPER on DSPy).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML or YAML file with any of the settings below; options given here win. Example: -c runs/steper/config.yaml",
+    ),
+]
+ProgramOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Program: ircot, self-ask, or module:Class for your own staged program. Example: --program my_rag:MyRAG"
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Data: 'synthetic' (built in), a HotpotQA / 2Wiki / MuSiQue file, or a hub dataset id. Example: --data ../shared/data/multihop/2wikimultihopqa_train500.jsonl"
+    ),
+]
+TestDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Evaluate on this dataset (over its own corpus) instead of held-out questions of --data. Example: --test-data hotpotqa_dev200.jsonl"
+    ),
+]
+TrainSizeOpt = Annotated[
+    int | None, typer.Option(help="Use at most this many training questions. Example: --train-size 100")
+]
+TestSizeOpt = Annotated[int | None, typer.Option(help="Held-out questions to evaluate on. Example: --test-size 50")]
+TeacherOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Teacher LM: a litellm string (openai/gpt-4o-mini, hosted_vllm/..., ollama_chat/...), a hub id, a local folder or a GGUF file. Example: --teacher openai/gpt-4o-mini"
+    ),
+]
+ApiBaseOpt = Annotated[
+    str | None, typer.Option(help="Endpoint of an API teacher. Example: --api-base http://127.0.0.1:8000/v1")
+]
+RecordingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Teacher recording (JSONL): replayed without a --teacher, extended with one. Example: --recording teacher.jsonl"
+    ),
+]
+StudentOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Student base model: hub id, local folder or GGUF file. Example: --student HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output folder. Example: -o runs/my-run")]
+WeightingOpt = Annotated[
+    str | None,
+    typer.Option(help="Stage loss weighting: adaptive (STEPER), uniform, or fixed. Example: --weighting uniform"),
+]
+StagesOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated stages to train on. Example: --stages aggregate (Vanilla-KD)")
+]
+EpochsOpt = Annotated[float | None, typer.Option(help="Training epochs. Example: --epochs 2")]
+LrOpt = Annotated[float | None, typer.Option(help="Learning rate. Example: --lr 2e-4")]
+MetricOpt = Annotated[
+    str | None, typer.Option(help="Metric that keeps teacher chains: em, f1 or accuracy. Example: --metric accuracy")
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Least metric score of a kept chain. Example: --threshold 0.5")
+]
+RolloutsOpt = Annotated[
+    int | None, typer.Option(help="Teacher chains per question (extra ones sampled). Example: --rollouts 3")
+]
+StepFilterOpt = Annotated[
+    bool | None, typer.Option("--step-filter/--no-step-filter", help="Drop ungrounded steps of kept chains.")
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Parallel LM calls (API teachers). Example: --threads 8")]
+
+
+def _config(config: Path | None, **options: object) -> RunConfig:
+    stages = options.pop("stages", None)
+    epochs, lr = options.pop("epochs", None), options.pop("lr", None)
+    cfg = RunConfig.load(config, stages=stages.split(",") if isinstance(stages, str) else None, **options)
+    if epochs is not None or lr is not None:
+        training = dict(cfg.training)
+        if epochs is not None:
+            training["num_train_epochs"] = epochs
+        if lr is not None:
+            training["learning_rate"] = lr
+        cfg = RunConfig.load(None, **{**cfg.__dict__, "training": training})
+    return cfg
+
+
+@app.command()
+def harvest(
+    config: ConfigOpt = None,
+    program: ProgramOpt = None,
+    data: DataOpt = None,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
+    teacher: TeacherOpt = None,
+    api_base: ApiBaseOpt = None,
+    recording: RecordingOpt = None,
+    output: OutputOpt = None,
+    metric: MetricOpt = None,
+    threshold: ThresholdOpt = None,
+    rollouts: RolloutsOpt = None,
+    step_filter: StepFilterOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run the teacher program over the training questions and write stage-tagged samples (resumable).
+
+    Example: steper harvest --teacher openai/gpt-4o-mini --data synthetic -o runs/demo --threads 8
+    """
+    cfg = _config(
+        config,
+        program=program,
+        data=data,
+        train_size=train_size,
+        test_size=test_size,
+        teacher=teacher,
+        api_base=api_base,
+        recording=recording,
+        output=output,
+        metric=metric,
+        threshold=threshold,
+        rollouts=rollouts,
+        step_filter=step_filter,
+        threads=threads,
+    )
+    task = load_task(cfg)
+    report = make_teleprompter(cfg).harvest(
+        task.program(cfg, test=False), trainset=task.trainset, teacher=teacher_lm(cfg)
+    )
+    cfg.save(Path(cfg.output) / "config.yaml")
+    console.print(report.summary())
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    output: OutputOpt = None,
+    student: StudentOpt = None,
+    weighting: WeightingOpt = None,
+    stages: StagesOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+) -> None:
+    """Train the student on the kept samples of <output>/harvest.jsonl into <output>/model.
+
+    Example: steper train -o runs/demo --student HuggingFaceTB/SmolLM2-135M-Instruct --weighting adaptive
+    """
+    cfg = _config(config, output=output, student=student, weighting=weighting, stages=stages, epochs=epochs, lr=lr)
+    result = make_teleprompter(cfg).train()
+    cfg.save(Path(cfg.output) / "config.yaml")
+    console.print(
+        f"trained {result.output_dir}: final loss {result.final_loss:.3f}, sigmas {result.sigmas}, "
+        f"{result.tokens_per_second:.0f} tokens/s"
+    )
+
+
+@app.command(name="compile")
+def compile_(
+    config: ConfigOpt = None,
+    program: ProgramOpt = None,
+    data: DataOpt = None,
+    test_data: TestDataOpt = None,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
+    teacher: TeacherOpt = None,
+    api_base: ApiBaseOpt = None,
+    recording: RecordingOpt = None,
+    student: StudentOpt = None,
+    output: OutputOpt = None,
+    weighting: WeightingOpt = None,
+    stages: StagesOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    metric: MetricOpt = None,
+    threshold: ThresholdOpt = None,
+    rollouts: RolloutsOpt = None,
+    step_filter: StepFilterOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Harvest, train and evaluate: the whole STEPER compile. Writes config.yaml, the compiled program,
+    report.md and plots into the output folder.
+
+    Example: steper compile --teacher openai/gpt-4o-mini --student HuggingFaceTB/SmolLM2-135M-Instruct -o runs/demo
+    """
+    cfg = _config(
+        config,
+        program=program,
+        data=data,
+        test_data=test_data,
+        train_size=train_size,
+        test_size=test_size,
+        teacher=teacher,
+        api_base=api_base,
+        recording=recording,
+        student=student,
+        output=output,
+        weighting=weighting,
+        stages=stages,
+        epochs=epochs,
+        lr=lr,
+        metric=metric,
+        threshold=threshold,
+        rollouts=rollouts,
+        step_filter=step_filter,
+        threads=threads,
+    )
+    compile_and_report(cfg, title="steper compile", compare_untrained=False, compare_teacher=False)
+
+
+@app.command(name="eval")
+def eval_(
+    model: Annotated[
+        str,
+        typer.Option(help="The LM to run the program on (same forms as --teacher). Example: --model runs/demo/model"),
+    ],
+    student: Annotated[
+        bool,
+        typer.Option(
+            "--student/--teacher-format",
+            help="Run with the student adapter (no JSON fallback), as a compiled student runs.",
+        ),
+    ] = True,
+    config: ConfigOpt = None,
+    program: ProgramOpt = None,
+    data: DataOpt = None,
+    test_data: TestDataOpt = None,
+    test_size: TestSizeOpt = None,
+    api_base: ApiBaseOpt = None,
+    output: OutputOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Evaluate a program on a given LM: EM / F1 / accuracy, broken down by question type and hops.
+
+    Example: steper eval --model runs/demo/model --data synthetic --test-size 30
+    """
+    cfg = _config(
+        config,
+        program=program,
+        data=data,
+        test_data=test_data,
+        test_size=test_size,
+        api_base=api_base,
+        output=output,
+        threads=threads,
+    )
+    task = load_task(cfg)
+    timings = Timings()
+    with timings.track("eval"):
+        report = run_eval(cfg, task, make_lm(model, api_base=cfg.api_base), student=student)
+    results = {model: report}
+    console.print(results_table(results))
+    path = write_report(
+        Path(cfg.output),
+        results,
+        title="steper eval",
+        details={"model": model, "data": cfg.data},
+        timings=timings.seconds,
+    )
+    console.print(f"report: {path}")
+
+
+@app.command()
+def quickstart(
+    teacher: TeacherOpt = None,
+    api_base: ApiBaseOpt = None,
+    output: OutputOpt = None,
+    student: StudentOpt = None,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
+    epochs: EpochsOpt = None,
+) -> None:
+    """Compile SmolLM2-135M on the built-in synthetic example with a recorded teacher, offline, in minutes;
+    prints the untrained student vs the compiled student vs the teacher.
+
+    Example: steper quickstart            (or --teacher openai/gpt-4o-mini for a live teacher)
+    """
+    from steper_dspy.cli.quickstart import quickstart_config
+
+    cfg = quickstart_config(
+        teacher=teacher,
+        api_base=api_base,
+        output=output,
+        student=student,
+        train_size=train_size,
+        test_size=test_size,
+        epochs=epochs,
+    )
+    compile_and_report(cfg, title="steper quickstart", compare_untrained=True, compare_teacher=True)
+
+
+def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, compare_teacher: bool) -> None:
+    """Harvest, train, evaluate the chosen systems, print the table and write report.md and plots."""
+    from steper_dspy.lm import local_lm
+
+    out = Path(cfg.output)
+    cfg.save(out / "config.yaml")
+    timings, results = Timings(), {}
+    with timings.track("load data"):
+        task = load_task(cfg)
+    teleprompter = make_teleprompter(cfg)
+    teacher = teacher_lm(cfg)
+    with timings.track("harvest"):
+        harvest_report = teleprompter.harvest(task.program(cfg, test=False), trainset=task.trainset, teacher=teacher)
+    console.print(harvest_report.summary())
+    if compare_untrained:
+        with timings.track("eval untrained student"):
+            results["untrained student"] = run_eval(cfg, task, make_lm(cfg.student), student=True)
+    with timings.track("train"):
+        training = teleprompter.train()
+    student_lm = local_lm(training.output_dir)
+    with timings.track("eval compiled student"):
+        results[f"STEPER student ({cfg.weighting})"] = run_eval(cfg, task, student_lm, student=True)
+    if compare_teacher:
+        with timings.track("eval teacher"):
+            results["teacher"] = run_eval(cfg, task, teacher, student=False)
+    program_dir = save_student_program(cfg, task, training.output_dir, student_lm)
+    console.print(results_table(results))
+    details = {
+        "program": cfg.program,
+        "data": cfg.data,
+        "train questions": str(len(task.trainset)),
+        "test questions": str(len(task.testset)),
+        "teacher": cfg.teacher or f"recording {cfg.recording}",
+        "student": cfg.student,
+        "weighting": cfg.weighting,
+        "compiled program": str(program_dir),
+        "trained model": str(training.output_dir),
+        "training tokens/s": f"{training.tokens_per_second:.0f}",
+    }
+    path = write_report(
+        out,
+        results,
+        title=title,
+        details=details,
+        timings=timings.seconds,
+        harvest_summary=harvest_report.summary(),
+        training_log=training.log_path,
+    )
+    total = sum(timings.seconds.values())
+    console.print(
+        f"report: {path}  (plots beside it); total {total / 60:.1f} min: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.seconds.items())
+    )
+
+
+def main() -> None:
+    """Entry point: user errors end with one line and exit code 2, never a traceback."""
+    from steper_dspy.errors import SteperError
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    try:
+        app()
+    except SteperError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise SystemExit(2) from None

