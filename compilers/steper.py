@@ -39,7 +39,7 @@ class STEPER(Teleprompter):
         output_dir: Where the harvest file, the trained model and the compiled program go.
         metric: Scores a teacher chain's prediction; ``metric(example, prediction, trace)``.
         threshold: Least metric score for a chain to be kept.
-        training: Training settings; `weighting` and `stages` below override its fields.
+        training: Training settings; their `weighting` and `stages` are set from the arguments below.
         weighting: ``"adaptive"`` (learnable per-stage difficulty), ``"uniform"`` or ``"fixed"``.
         stages: Which stages' samples train the student (default all three).
         rollouts: Teacher chains per question (extra ones sampled at `rollout_temperature`).
@@ -80,8 +80,8 @@ class STEPER(Teleprompter):
         self.threshold = threshold
         self.training = dataclasses.replace(
             training or TrainingConfig(),
-            weighting=weighting or (training.weighting if training else self.weighting_default),
-            stages=tuple(stages or (training.stages if training else self.stages_default)),
+            weighting=weighting or self.weighting_default,
+            stages=tuple(stages or self.stages_default),
         )
         self.rollouts = rollouts
         self.rollout_temperature = rollout_temperature

@@ -112,5 +112,5 @@ def load_compiled(path: str | Path, **lm_kwargs: Any) -> dspy.Module:
 def _strip_lm_state(state: dict[str, Any]) -> None:
     # The LM is rebuilt from the manifest's model folder; its absolute paths would not survive a move.
     for value in state.values():
-        if isinstance(value, dict):
-            value.pop("lm", None)
+        if isinstance(value, dict) and "lm" in value:
+            value["lm"] = None

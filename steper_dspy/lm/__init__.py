@@ -1,0 +1,33 @@
+"""Local language models for DSPy: loading, fingerprinting, a transformers engine, and record/replay.
+
+Names load on first use, so `import steper_dspy.lm.models` (the trainer's entry) stays free of DSPy imports.
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "chat_prompt_ids": "steper_dspy.lm.chat",
+    "chat_training_ids": "steper_dspy.lm.chat",
+    "completion_ids": "steper_dspy.lm.chat",
+    "default_dtype": "steper_dspy.lm.models",
+    "load_model": "steper_dspy.lm.models",
+    "materialize_gguf": "steper_dspy.lm.models",
+    "model_fingerprint": "steper_dspy.lm.models",
+    "resolve_model": "steper_dspy.lm.models",
+    "TransformersEngine": "steper_dspy.lm.engine",
+    "local_lm": "steper_dspy.lm.local",
+    "RecordedLM": "steper_dspy.lm.recording",
+    "RecordingEngine": "steper_dspy.lm.recording",
+    "recorded_lm": "steper_dspy.lm.recording",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

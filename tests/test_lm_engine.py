@@ -1,0 +1,178 @@
+import asyncio
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dspy
+import pytest
+import torch
+from dspy.lm15 import Config, Message, Request
+from safetensors.torch import load_file, save_file
+
+from steper_dspy.errors import SteperError
+from steper_dspy.lm import chat_prompt_ids, chat_training_ids
+from steper_dspy.lm.engine import COMPLETED_MARKER, StopOnStrings, TransformersEngine, cut_at_stop
+from steper_dspy.lm.local import local_lm
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who was born in Paris?"}]
+SCRIPT = "[[ ## answer ## ]]\nParis\n\n[[ ## completed ## ]] and then some junk"
+
+
+@pytest.fixture(autouse=True)
+def steper_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPER_CACHE", str(tmp_path / "steper-cache"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return local_lm(tiny_model_dir, max_tokens=8, cache=False)
+
+
+def _request(lm, *, max_tokens=None, stop=(), temperature=0.0, seed=None):
+    config = Config(max_tokens=max_tokens, temperature=temperature, stop=tuple(stop), seed=seed)
+    return Request(
+        model=lm.model, system=MESSAGES[0]["content"], messages=(Message.user(MESSAGES[1]["content"]),), config=config
+    )
+
+
+@pytest.fixture
+def scripted(tiny_model_dir, monkeypatch):
+    """A local LM whose model emits SCRIPT token by token (forced logits), whatever the prompt."""
+    engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64)
+    net, tokenizer = engine.load()
+    script = tokenizer(SCRIPT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    forward, step = net.forward, [0]
+
+    def scripted_forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # the prompt: a new generation starts
+            step[0] = 0
+        output = forward(*args, **kwargs)
+        forced = torch.full_like(output.logits[:, -1, :], -1e9)
+        forced[:, script[min(step[0], len(script) - 1)]] = 0
+        output.logits[:, -1, :] = forced
+        step[0] += 1
+        return output
+
+    monkeypatch.setattr(net, "forward", scripted_forward)
+    scripted_lm = dspy.LM(engine.model_string, engine=engine, max_tokens=64, temperature=0.0, cache=False)
+    yield scripted_lm, step, len(script)
+    engine.close()
+
+
+def test_chat_prompt_ids_match_the_template(lm):
+    _, tokenizer = lm.engine.load()
+    ids = chat_prompt_ids(tokenizer, MESSAGES)
+    text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    inputs, labels = chat_training_ids(tokenizer, MESSAGES, "Paris")
+    assert inputs[: len(ids)] == ids and inputs[-1] == tokenizer.eos_token_id
+    assert labels[: len(ids)] == [-100] * len(ids) and labels[len(ids) :] == inputs[len(ids) :]
+
+
+def test_model_string_names_the_weights(lm, tiny_model_dir, tmp_path):
+    fingerprint = lm.engine.fingerprint
+    assert lm.model == f"steper-local/{tiny_model_dir.name}@{fingerprint}"
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / tiny_model_dir.name))
+    assert local_lm(other).model == lm.model  # same content, same string
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert local_lm(other).model != lm.model
+
+
+def test_raw_call_is_greedy_deterministic_and_bounded(lm):
+    first = lm(_request(lm))
+    assert isinstance(first.text, str)
+    assert first.usage.output_tokens <= 8 and first.usage.input_tokens > 10
+    assert lm(_request(lm)).text == first.text
+    short = lm(_request(lm, max_tokens=2))
+    assert short.usage.output_tokens <= 2
+    with pytest.warns(DeprecationWarning):
+        outputs = lm(messages=MESSAGES)
+    assert outputs == [first.text]
+    assert lm.history[-1]["usage"]["completion_tokens"] == first.usage.output_tokens
+
+
+def test_sampling_follows_the_seed(lm):
+    a = lm(_request(lm, temperature=1.0, seed=7, max_tokens=6))
+    b = lm(_request(lm, temperature=1.0, seed=7, max_tokens=6))
+    assert a.text == b.text
+
+
+def test_threads_share_one_model(lm):
+    expected = lm(_request(lm)).text
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(lambda _: lm(_request(lm)).text, range(4)))
+    assert texts == [expected] * 4
+
+
+def test_async_call(lm):
+    response = asyncio.run(lm.acall(_request(lm)))
+    assert response.text == lm(_request(lm)).text
+
+
+def test_stop_on_strings_scripted(lm):
+    _, tokenizer = lm.engine.load()
+    prompt = tokenizer(f"prompt {COMPLETED_MARKER} ", add_special_tokens=False)["input_ids"]
+    generated = tokenizer(f"[[ ## answer ## ]]\nParis\n\n{COMPLETED_MARKER}\n", add_special_tokens=False)["input_ids"]
+    criteria = StopOnStrings(tokenizer, [COMPLETED_MARKER], len(prompt))
+    fired = []
+    for i in range(len(generated) + 1):
+        ids = torch.tensor([prompt + generated[:i]])
+        fired.append(bool(criteria(ids, None)[0]))
+        if tokenizer.decode(generated[:i]).endswith(COMPLETED_MARKER):
+            break
+    assert fired[-1] and not any(fired[:-1])  # never on the prompt's marker, at once on the generated one
+
+
+def test_cut_at_stop():
+    assert cut_at_stop(f"a{COMPLETED_MARKER}junk", []) == (f"a{COMPLETED_MARKER}", True)
+    assert cut_at_stop("answer\n\nmore", ["\n\n"]) == ("answer", True)
+    assert cut_at_stop(f"x STOP {COMPLETED_MARKER}", ["STOP"]) == ("x ", True)
+    assert cut_at_stop("plain", ["STOP"]) == ("plain", False)
+
+
+def test_generation_stops_after_the_marker(scripted):
+    scripted_lm, step, script_length = scripted
+    response = scripted_lm(_request(scripted_lm))
+    assert response.text == f"[[ ## answer ## ]]\nParis\n\n{COMPLETED_MARKER}"
+    assert response.finish_reason == "stop" and step[0] < script_length - 2
+    assert scripted_lm(_request(scripted_lm, stop=["\n\n"])).text == "[[ ## answer ## ]]\nParis"
+
+
+def test_predict_parses_the_answer(scripted):
+    scripted_lm, _, _ = scripted
+    predict = dspy.Predict("question -> answer")
+    with dspy.context(lm=scripted_lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        assert predict(question="Who was born in Paris?").answer == "Paris"
+
+
+def test_program_save_load_round_trip(tiny_model_dir, tmp_path):
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    lm = local_lm(model_dir, max_tokens=5, cache=False)
+    program = dspy.Predict("question -> answer")
+    program.set_lm(lm)
+    program.save(tmp_path / "program.json")
+    state = json.loads((tmp_path / "program.json").read_text())["lm"]["engine"]["state"]
+    assert state["model"] == str(model_dir) and state["max_tokens"] == 5
+    loaded = dspy.Predict("question -> answer")
+    loaded.load(tmp_path / "program.json", allow_unsafe_lm_state=True)
+    assert loaded.lm.model == lm.model and isinstance(loaded.lm.engine, TransformersEngine)
+    assert loaded.lm.kwargs["max_tokens"] == 5
+    assert loaded.lm(_request(loaded.lm)).text == lm(_request(lm)).text
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SteperError, match="changed since this program was saved"):
+        dspy.Predict("question -> answer").load(tmp_path / "program.json", allow_unsafe_lm_state=True)
+
+
+def test_lazy_load_errors_stay_steper_errors(tiny_model_dir, tmp_path):
+    model_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "broken"))
+    (model_dir / "model.safetensors").write_bytes(b"garbage")
+    broken = local_lm(model_dir, cache=False)
+    with pytest.raises(SteperError, match="model.safetensors"):
+        broken(_request(broken))
