@@ -1,0 +1,214 @@
+"""Harvested step-wise samples to token ids: validation, tokenisation, the data hash and the batch collator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from steper_dspy.errors import SteperError
+from steper_dspy.lm.chat import IGNORE_INDEX, chat_prompt_ids, completion_ids
+from steper_dspy.stages import STAGES
+
+logger = logging.getLogger(__name__)
+
+_STAGE_NAMES = tuple(s.value for s in STAGES)
+
+
+def validate_samples(samples: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check that every sample has chat messages ending in an assistant reply and a known stage.
+
+    Args:
+        samples: Harvested samples, one per teacher predictor call:
+            `{"messages": [..., {"role": "assistant", "content": ...}], "stage": "init", ...}`.
+
+    Returns:
+        The samples as a list, with `stage` normalised to its string value.
+
+    Raises:
+        SteperError: A sample is malformed; the message names its index and the field.
+    """
+    checked = []
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, dict):
+            raise SteperError(f"Sample {index} is a {type(sample).__name__}, not a dict with 'messages' and 'stage'.")
+        stage = sample.get("stage")
+        stage = getattr(stage, "value", stage)
+        if stage is None:
+            raise SteperError(f"Sample {index} has no 'stage' field: tag it with one of {list(_STAGE_NAMES)}.")
+        if stage not in _STAGE_NAMES:
+            raise SteperError(f"Sample {index} has unknown 'stage' {stage!r}: use one of {list(_STAGE_NAMES)}.")
+        messages = sample.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise SteperError(f"Sample {index} has no 'messages' field (a non-empty list of chat messages).")
+        for position, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+                raise SteperError(
+                    f"Sample {index} field 'messages[{position}]' is not a {{'role': ..., 'content': str}} message."
+                )
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SteperError(f"Sample {index} field 'messages' has no assistant message (the target to learn).")
+        if messages[-1]["role"] != "assistant":
+            raise SteperError(
+                f"Sample {index} field 'messages' must end with the assistant message (the target); "
+                f"it ends with a {messages[-1]['role']!r} message."
+            )
+        if len(messages) < 2:
+            raise SteperError(f"Sample {index} field 'messages' holds only the assistant reply, no prompt.")
+        checked.append({**sample, "stage": stage})
+    return checked
+
+
+def data_hash(samples: Iterable[dict[str, Any]]) -> str:
+    """sha256 of the samples written as JSON lines (sorted keys): equal data gives an equal hash."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        line = json.dumps(sample, sort_keys=True, ensure_ascii=False, default=str)
+        digest.update(line.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def tokenize_sample(tokenizer: Any, sample: dict[str, Any]) -> dict[str, list[int]]:
+    """Token ids and labels of one sample, templated exactly as the local engine prompts at inference.
+
+    The prompt is the chat template of every message but the last, with the assistant generation prompt;
+    the target is the last (assistant) message's text followed by the eos token. Labels are `-100` on the
+    prompt so that the loss covers the target only.
+
+    Args:
+        tokenizer: The student's tokenizer (with a chat template).
+        sample: A validated sample (see `validate_samples`).
+
+    Returns:
+        `{"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}`.
+    """
+    prompt = chat_prompt_ids(tokenizer, sample["messages"][:-1])
+    target = completion_ids(tokenizer, sample["messages"][-1]["content"])
+    return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
+
+
+@dataclass
+class TrainingData:
+    """Tokenised samples ready for the Trainer, with what was kept and left out per stage.
+
+    Attributes:
+        features: One dict per kept sample: `input_ids`, `labels`, `stage_ids` (index into `stages`)
+            and `length`.
+        stages: The trained stages, in the order `stage_ids` index.
+        num_samples: Kept samples per trained stage.
+        dropped: Samples per stage left out for being longer than `max_length` tokens.
+        skipped: Samples per stage left out because their stage is not trained.
+        num_target_tokens: Target (loss-bearing) tokens per trained stage.
+    """
+
+    features: list[dict[str, Any]]
+    stages: tuple[str, ...]
+    num_samples: dict[str, int]
+    dropped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    num_target_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def build_training_data(
+    samples: Sequence[dict[str, Any]], tokenizer: Any, stages: Sequence[str], max_length: int
+) -> TrainingData:
+    """Tokenise the samples of the trained stages; leave out (and count) those over `max_length` tokens.
+
+    Over-long samples are dropped rather than truncated: a truncated prompt is one the student never sees
+    at inference, and a truncated target teaches it to stop mid-field.
+
+    Args:
+        samples: Validated samples (see `validate_samples`).
+        tokenizer: The student's tokenizer.
+        stages: The stages to train on; samples of other stages are skipped.
+        max_length: The longest prompt + target length kept, in tokens.
+
+    Returns:
+        The tokenised features and per-stage counts.
+
+    Raises:
+        SteperError: The tokenizer has no chat template, or no sample of the trained stages fits in `max_length`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise SteperError(
+            f"The tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: train an instruct "
+            "(chat) model, or set tokenizer.chat_template to the template the student will be prompted with."
+        )
+    stages = tuple(str(getattr(s, "value", s)) for s in stages)
+    num_samples = dict.fromkeys(stages, 0)
+    tokens = dict.fromkeys(stages, 0)
+    dropped: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    features = []
+    for sample in samples:
+        stage = sample["stage"]
+        if stage not in stages:
+            skipped[stage] = skipped.get(stage, 0) + 1
+            continue
+        encoded = tokenize_sample(tokenizer, sample)
+        if len(encoded["input_ids"]) > max_length:
+            dropped[stage] = dropped.get(stage, 0) + 1
+            continue
+        num_samples[stage] += 1
+        tokens[stage] += sum(label != IGNORE_INDEX for label in encoded["labels"])
+        features.append({**encoded, "stage_ids": stages.index(stage), "length": len(encoded["input_ids"])})
+    if dropped:
+        logger.warning(
+            "Left out %d samples longer than max_length=%d tokens (%s); raise max_length to keep them.",
+            sum(dropped.values()),
+            max_length,
+            ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())),
+        )
+    if not features:
+        reason = f"all {sum(dropped.values())} are longer than max_length={max_length}" if dropped else "there are none"
+        raise SteperError(
+            f"No training samples for stages {list(stages)}: {reason}. Check the harvest's stages, "
+            "TrainingConfig.stages and TrainingConfig.max_length."
+        )
+    return TrainingData(features, stages, num_samples, dropped, skipped, tokens)
+
+
+@dataclass
+class StageCollator:
+    """Pad a batch of tokenised samples and carry each sample's stage id.
+
+    Padding goes on the left by default, so that every sequence ends at the last position: targets then
+    share the batch's trailing columns and the trainer computes output logits for those columns only.
+    Position ids count real tokens only, as in batched generation.
+
+    Args:
+        pad_token_id: The id to pad `input_ids` with (labels pad with -100, the attention mask with 0).
+        padding_side: `"left"` or `"right"`.
+        pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 on GPUs).
+    """
+
+    pad_token_id: int
+    padding_side: str = "left"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, cols] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, cols] = torch.tensor(feature["labels"], dtype=torch.long)
+            attention_mask[row, cols] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "labels": labels,
+            "stage_ids": torch.tensor([int(f["stage_ids"]) for f in features], dtype=torch.long),
+        }

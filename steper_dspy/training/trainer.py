@@ -1,0 +1,238 @@
+"""A `transformers.Trainer` that weights the loss per reasoning stage, and its logging callbacks."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from steper_dspy.errors import SteperError
+from steper_dspy.lm.chat import IGNORE_INDEX
+from steper_dspy.training.weighting import WEIGHTING_FILE, StageWeighting, stage_token_losses
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+TRAINING_ARGS_NAME = "training_args.bin"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class StageTrainer(Trainer):
+    """`Trainer` with STEPER's per-stage loss.
+
+    The loss is computed from the logits (the model never sees the labels): per-token cross-entropy on
+    the target tokens, grouped by each sample's stage and combined by a `StageWeighting`. The weighting's
+    log-variances are trained in their own optimizer parameter group, kept out of the model's weights, and
+    saved with every checkpoint (`stage_weighting.safetensors`) so that resuming restores them.
+
+    Everything else (the loop, mixed precision, gradient accumulation, checkpoints, `accelerate launch`)
+    is the stock Trainer's. Batches must carry `labels` and `stage_ids` (see `StageCollator`).
+
+    Args:
+        *args: Passed to `Trainer`.
+        stage_weighting: How to combine the stage losses.
+        sigma_learning_rate: Learning rate of the weighting's log-variances.
+        **kwargs: Passed to `Trainer`.
+    """
+
+    # compute_loss returns a per-batch mean; the Trainer divides it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, stage_weighting: StageWeighting, sigma_learning_rate: float = 1e-2, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.stage_weighting = stage_weighting.to(self.args.device)
+        self.sigma_learning_rate = sigma_learning_rate
+        num_stages = len(stage_weighting.stages)
+        self._stage_loss_sums = torch.zeros(num_stages, device=self.args.device)
+        self._stage_token_counts = torch.zeros(num_stages, device=self.args.device)
+        self._tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
+        self._trim_logits = _accepts_logits_to_keep(self.model)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Non-padding tokens (prompt and target) trained on by this trainer so far."""
+        return int(self._tokens_seen.item())
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer plus a group for the stage log-variances (own lr, no weight decay)."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        log_vars = self.stage_weighting.log_vars
+        if created and log_vars.requires_grad:
+            optimizer.add_param_group({"params": [log_vars], "lr": self.sigma_learning_rate, "weight_decay": 0.0})
+            # The Trainer clears gradients with model.zero_grad(), which does not reach these parameters.
+            optimizer.register_step_post_hook(lambda *_: setattr(log_vars, "grad", None))
+        return optimizer
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The stage-weighted loss of one batch; also tallies per-stage losses for the logs."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        stage_ids = inputs.pop("stage_ids")
+        inputs.pop("length", None)
+        if self._trim_logits:
+            # Logits are needed only from one position before the earliest target token on; with left
+            # padding that is a short tail, which spares most of the vocabulary projection.
+            first_target = (labels != IGNORE_INDEX).int().argmax(dim=1).min()
+            inputs["logits_to_keep"] = int(labels.shape[1] - first_target + 1)
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
+        logits = logits[:, :-1]
+        token_ce = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        )
+        mask = targets.reshape(-1) != IGNORE_INDEX
+        token_losses = token_ce[mask]
+        token_stages = stage_ids[:, None].expand_as(targets).reshape(-1)[mask]
+        loss = self.stage_weighting(token_losses, token_stages)
+        if model.training:
+            with torch.no_grad():
+                means, counts = stage_token_losses(token_losses, token_stages, len(self.stage_weighting.stages))
+                self._stage_loss_sums += means * counts
+                self._stage_token_counts += counts
+                mask_sum = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+                self._tokens_seen += mask_sum
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The Trainer's step; across processes, averages the log-variance gradients as DDP does the model's."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        log_vars = self.stage_weighting.log_vars
+        if self.accelerator.num_processes > 1 and log_vars.grad is not None:
+            log_vars.grad = self.accelerator.reduce(log_vars.grad, reduction="mean")
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the per-stage losses (`loss_<stage>`), sigmas (`sigma_<stage>`) and the plain token
+        cross-entropy (`ce`) since the last log to each training log."""
+        if "loss" in logs:  # a training log, which every process writes: the reduction below is collective
+            sums = self.accelerator.reduce(self._stage_loss_sums.clone(), reduction="sum")
+            counts = self.accelerator.reduce(self._stage_token_counts.clone(), reduction="sum")
+            self._stage_loss_sums.zero_()
+            self._stage_token_counts.zero_()
+            if counts.sum() > 0:
+                logs["ce"] = float(sums.sum() / counts.sum())
+            for stage, total, count in zip(self.stage_weighting.stages, sums.tolist(), counts.tolist(), strict=True):
+                if count > 0:
+                    logs[f"loss_{stage}"] = total / count
+            for stage, sigma in self.stage_weighting.sigmas().items():
+                logs[f"sigma_{stage}"] = sigma
+        super().log(logs, start_time)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`, first restoring the stage weighting from the checkpoint resumed from."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise SteperError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        if resume_from_checkpoint:
+            restored = self.stage_weighting.load(resume_from_checkpoint)
+            if not restored and self.stage_weighting.mode == "adaptive":
+                logger.warning(
+                    "Checkpoint %s has no %s: the stage weights restart from sigma = 1.",
+                    resume_from_checkpoint,
+                    WEIGHTING_FILE,
+                )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`; a checkpoint (internal call) also gets the stage weighting, before its
+        trainer state is written, so that a complete checkpoint always holds it."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            # A pickle of the arguments, which nothing reads back; the settings live in JSON files instead.
+            (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            if _internal_call:
+                self.stage_weighting.save(folder)
+
+
+class StageLogCallback(TrainerCallback):
+    """Appends every training log (step, epoch, loss, `loss_<stage>`, `sigma_<stage>`, ...) to a JSONL file,
+    and makes sure the last step is logged.
+
+    Args:
+        path: The `stage_log.jsonl` file.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch}
+        row.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class StageProgressCallback(ProgressCallback):
+    """The Trainer's tqdm bar, showing the loss and per-stage losses as its postfix instead of printing logs."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or self.training_bar is None or not logs or "loss" not in logs:
+            return
+        shown = {"loss": logs["loss"]}
+        shown.update({k[5:]: v for k, v in logs.items() if k.startswith("loss_")})
+        self.training_bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The latest complete checkpoint (one with its trainer state written) in `folder`, or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(m.group(1)), p)
+        for p in folder.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and (p / TRAINER_STATE).is_file()
+    ]
+    return os.fspath(max(steps)[1]) if steps else None
+
+
+def trim_log(path: str | Path, max_step: int) -> None:
+    """Drop the rows of a `stage_log.jsonl` after `max_step` (those a resumed run will log again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut short by the interruption
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
