@@ -14,7 +14,8 @@ class MultiStepRAG(dspy.Module):
 
     Retrieve with the question and run the init predictor; then retrieve with the latest rationale and
     run the expansion predictor until it says the evidence suffices or the step budget is spent; finally
-    run the aggregation predictor over everything gathered. Subclasses choose the three signatures.
+    retrieve once more with the last rationale and run the aggregation predictor over everything gathered.
+    Subclasses choose the three signatures.
 
     Args:
         retriever: Called as ``retriever(query, k, exclude=indices)``, returning a prediction with
@@ -50,6 +51,9 @@ class MultiStepRAG(dspy.Module):
             rationales.append(step.rationale)
             if step.sufficient:
                 break
+        # IRCoT retrieves after every sentence it writes: the last fact's entity (e.g. the city in "X was born
+        # in Y") often holds the final hop (Y's country), and this costs no LM call.
+        evidence.retrieve(rationales[-1] or question)
         final = self.aggregate(question=question, passages=evidence.passages, rationales=list(rationales))
         return dspy.Prediction(
             answer=final.answer,

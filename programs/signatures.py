@@ -21,12 +21,15 @@ class ExpandReasoning(dspy.Signature):
     passages: list[str] = dspy.InputField(desc="all passages retrieved so far")
     rationales: list[str] = dspy.InputField(desc="facts found so far, in order")
     rationale: str = dspy.OutputField(desc="one sentence with the next fact from the passages")
-    sufficient: bool = dspy.OutputField(desc="True if the facts so far are enough to answer")
+    sufficient: bool = dspy.OutputField(
+        desc="True only if the facts so far give exactly what the question asks for (e.g. the country, not the city)"
+    )
 
 
 class AggregateReasoning(dspy.Signature):
     """Answer the question from the facts and the passages: write one short sentence that concludes the
-    reasoning, then give the answer as a short span (a name, a year, a place), not a sentence."""
+    reasoning, then give the answer as a short span, not a sentence. The answer must be exactly what the
+    question asks for: a country for "which country", a year for "what year", a person for "who"."""
 
     question: str = dspy.InputField()
     passages: list[str] = dspy.InputField(desc="all passages retrieved so far")

@@ -42,10 +42,10 @@ def test_loop_expands_until_sufficient(program_cls, expansions):
     assert pred.answer == "X"
     assert pred.steps == expansions + 2
     assert pred.rationales == [f"fact {i}" for i in range(expansions + 1)] + ["so X"]
-    # one retrieval for the question, then one per expansion with the latest rationale as the query
-    assert retriever.queries == ["Q?"] + [f"fact {i}" for i in range(expansions)]
-    assert len(pred.passages) == 2 * (expansions + 1)
-    assert retriever.excluded[-1] == list(range(2 * expansions))
+    # one retrieval for the question, then one with each rationale as the query (the last before aggregating)
+    assert retriever.queries == ["Q?"] + [f"fact {i}" for i in range(expansions + 1)]
+    assert len(pred.passages) == 2 * (expansions + 2)
+    assert retriever.excluded[-1] == list(range(2 * (expansions + 1)))
 
 
 def test_max_steps_caps_expansions_and_zero_expansions_possible():

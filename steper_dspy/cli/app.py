@@ -9,7 +9,15 @@ import typer
 
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.report import console, results_table, write_report
-from steper_dspy.cli.run import Timings, load_task, make_teleprompter, run_eval, save_student_program, teacher_lm
+from steper_dspy.cli.run import (
+    Timings,
+    load_task,
+    make_teleprompter,
+    run_eval,
+    save_student_program,
+    teacher_lm,
+    teacher_program,
+)
 from steper_dspy.cli.specs import make_lm
 
 app = typer.Typer(
@@ -311,6 +319,56 @@ def quickstart(
     compile_and_report(cfg, title="steper quickstart", compare_untrained=True, compare_teacher=True)
 
 
+@app.command()
+def benchmark(
+    config: ConfigOpt = None,
+    program: ProgramOpt = None,
+    data: DataOpt = None,
+    test_data: TestDataOpt = None,
+    train_size: TrainSizeOpt = None,
+    test_size: TestSizeOpt = None,
+    teacher: TeacherOpt = None,
+    api_base: ApiBaseOpt = None,
+    recording: RecordingOpt = None,
+    student: StudentOpt = None,
+    output: OutputOpt = None,
+    epochs: EpochsOpt = None,
+    lr: LrOpt = None,
+    metric: MetricOpt = None,
+    rollouts: RolloutsOpt = None,
+    threads: ThreadsOpt = None,
+    systems: Annotated[
+        str, typer.Option(help="Comma-separated student systems: vanilla-kd, stepwise-kd, steper.")
+    ] = "vanilla-kd,stepwise-kd,steper",
+) -> None:
+    """The paper's comparison: teacher, untrained student, Vanilla-KD, step-wise KD and STEPER on the same
+    harvested chains and held-out questions; writes results.json, predictions.jsonl, report.md and plots.
+
+    Example: steper benchmark --teacher openai/gpt-4o-mini --data 2wikimultihopqa_train500.jsonl --test-data hotpotqa_dev200.jsonl -o runs/bench
+    """
+    from steper_dspy.evals.benchmark import run_benchmark
+
+    cfg = _config(
+        config,
+        program=program,
+        data=data,
+        test_data=test_data,
+        train_size=train_size,
+        test_size=test_size,
+        teacher=teacher,
+        api_base=api_base,
+        recording=recording,
+        student=student,
+        output=output,
+        epochs=epochs,
+        lr=lr,
+        metric=metric,
+        rollouts=rollouts,
+        threads=threads,
+    )
+    run_benchmark(cfg, systems=tuple(s.strip() for s in systems.split(",")))
+
+
 def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, compare_teacher: bool) -> None:
     """Harvest, train, evaluate the chosen systems, print the table and write report.md and plots."""
     from steper_dspy.lm import local_lm
@@ -323,7 +381,10 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
     teleprompter = make_teleprompter(cfg)
     teacher = teacher_lm(cfg)
     with timings.track("harvest"):
-        harvest_report = teleprompter.harvest(task.program(cfg, test=False), trainset=task.trainset, teacher=teacher)
+        teacher_on_train = teacher_program(cfg, task, teacher, test=False)
+        harvest_report = teleprompter.harvest(
+            task.program(cfg, test=False), trainset=task.trainset, teacher=teacher_on_train
+        )
     console.print(harvest_report.summary())
     if compare_untrained:
         with timings.track("eval untrained student"):

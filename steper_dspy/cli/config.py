@@ -34,6 +34,8 @@ class RunConfig:
         teacher: LM spec: litellm/DSPy string (``openai/gpt-4o-mini``), hub id, local folder or GGUF file.
         api_base: Endpoint for an API teacher (e.g. a local vLLM or ``transformers serve``).
         teacher_max_tokens: Token limit per teacher call.
+        teacher_demos: Prompt the teacher with the program's built-in worked example (IRCoT), which a small
+            teacher needs to keep each step to one fact; the student's samples never include it.
         recording: A teacher recording (JSONL): replayed when it answers every call, extended when a live
             teacher is given.
         student: Base model of the student: hub id, local folder or GGUF file.
@@ -60,6 +62,7 @@ class RunConfig:
     teacher: str | None = None
     api_base: str | None = None
     teacher_max_tokens: int = 256
+    teacher_demos: bool = True
     recording: str | None = None
     student: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     output: str = "runs/steper"

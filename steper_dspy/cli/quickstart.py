@@ -10,8 +10,8 @@ RECORDED_TEACHER = "quickstart_teacher.jsonl"
 RECORDED_TEACHER_MODEL = "qwen2.5-coder-1.5b"
 
 # Sized for about ten minutes on two CPU cores (see README); the flags scale it up.
-TRAIN_SIZE = 60
-TEST_SIZE = 30
+TRAIN_SIZE = 24
+TEST_SIZE = 16
 TRAINING = {
     "num_train_epochs": 2.0,
     "learning_rate": 1e-3,
@@ -45,6 +45,7 @@ def quickstart_config(
         training["num_train_epochs"] = epochs
     return RunConfig(
         program="ircot",
+        max_steps=4,
         data="synthetic",
         seed=0,
         train_size=train_size or TRAIN_SIZE,
@@ -56,5 +57,6 @@ def quickstart_config(
         output=out,
         weighting="adaptive",
         metric="em",
+        teacher_max_tokens=128,
         training=training,
     )

@@ -13,6 +13,7 @@ from steper_dspy.compilers import STEPER, GroundedStepFilter
 from steper_dspy.compilers.student import run_on_student, save_compiled
 from steper_dspy.errors import SteperError
 from steper_dspy.evals import METRICS, EvaluationReport, evaluate_program, load_multihop, train_test_split
+from steper_dspy.programs.demos import ircot_demos, with_demos
 from steper_dspy.retrieval import BM25Retriever
 
 
@@ -92,6 +93,15 @@ def teacher_lm(config: RunConfig) -> dspy.LM:
     return live
 
 
+def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, *, test: bool) -> dspy.Module:
+    """The run's program on the teacher LM, with the built-in worked example as demos when asked for."""
+    program = task.program(config, test=test)
+    if config.teacher_demos and config.program == "ircot":
+        with_demos(program, ircot_demos())
+    program.set_lm(lm)
+    return program
+
+
 def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, progress: bool = True) -> STEPER:
     """The STEPER teleprompter of a run (uniform weighting or a stage subset give the paper's baselines)."""
     output = Path(output or config.output)
@@ -113,11 +123,9 @@ def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, pr
 
 def run_eval(config: RunConfig, task: Task, lm: dspy.LM, *, student: bool, progress: bool = True) -> EvaluationReport:
     """Evaluate the run's program on `lm` over the test questions; a student runs with its own adapter."""
-    program = task.program(config, test=True)
-    if student:
-        run_on_student(program, lm)
-    else:
-        program.set_lm(lm)
+    program = (
+        run_on_student(task.program(config, test=True), lm) if student else teacher_program(config, task, lm, test=True)
+    )
     return evaluate_program(program, task.testset, num_threads=config.threads, display_progress=progress)
 
 

@@ -1,0 +1,101 @@
+"""The command line: configs, model specs, and one-line errors with exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from steper_dspy import SteperError
+from steper_dspy.cli.app import app
+from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.specs import is_api_model, make_lm, make_program
+from steper_dspy.programs import IRCoT, SelfAsk
+from steper_dspy.retrieval import BM25Retriever
+
+RETRIEVER = BM25Retriever(["A | alpha text", "B | beta text"])
+
+
+def test_config_round_trip_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('program = "self-ask"\nk = 3\n[training]\nnum_train_epochs = 1.0\n')
+    cfg = RunConfig.load(path, k=None, output=str(tmp_path / "out"))
+    assert (cfg.program, cfg.k, cfg.output) == ("self-ask", 3, str(tmp_path / "out"))
+    assert cfg.training_config().num_train_epochs == 1.0
+    assert RunConfig.load(cfg.save(tmp_path / "config.yaml")) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "message"),
+    [
+        ("colour = 1\n", ".toml", r"unknown key\(s\) \['colour'\]"),
+        ("[training]\nepochz = 2\n", ".toml", "epochz"),
+        ("k = [\n", ".toml", "is not valid"),
+        ("- 1\n- 2\n", ".yaml", "must hold a table"),
+        ("k: 1\n", ".ini", "use a .toml"),
+    ],
+)
+def test_bad_configs_are_named(tmp_path, text, suffix, message):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(text)
+    with pytest.raises(SteperError, match=message):
+        RunConfig.load(path)
+    with pytest.raises(SteperError, match="does not exist"):
+        RunConfig.load(tmp_path / "missing.toml")
+
+
+def test_model_specs_tell_api_models_from_local_weights(tmp_path):
+    assert is_api_model("openai/gpt-4o-mini")
+    assert is_api_model("hosted_vllm/Qwen/Qwen2.5-7B-Instruct")
+    assert is_api_model("ollama_chat/llama3.1")
+    assert not is_api_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert not is_api_model(str(tmp_path))
+
+
+def test_missing_api_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SteperError, match="OPENAI_API_KEY"):
+        make_lm("openai/gpt-4o-mini")
+    lm = make_lm("openai/gpt-4o-mini", api_base="http://127.0.0.1:9/v1")  # a local server needs no key
+    assert lm.model == "openai/gpt-4o-mini"
+
+
+def test_programs_by_name_and_by_import_path():
+    assert isinstance(make_program("ircot", RETRIEVER), IRCoT)
+    assert isinstance(make_program("self-ask", RETRIEVER, k=2), SelfAsk)
+    assert isinstance(make_program("steper_dspy.programs:IRCoT", RETRIEVER), IRCoT)
+    with pytest.raises(SteperError, match="Unknown program 'cot'"):
+        make_program("cot", RETRIEVER)
+    with pytest.raises(SteperError, match="Cannot import program"):
+        make_program("nowhere.module:Thing", RETRIEVER)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["harvest", "--data", "missing.jsonl", "--teacher", "x/y"], "missing.jsonl"),
+        (["train", "-o", "{tmp}/empty"], "No harvest"),
+        (["harvest", "-c", "{tmp}/none.toml"], "does not exist"),
+        (["harvest", "--program", "cot"], "Unknown program"),
+        (["eval", "--model", "{tmp}/no-model", "--test-size", "5"], "no-model"),
+    ],
+)
+def test_user_errors_end_with_one_line_and_exit_code_2(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from steper_dspy.cli import main; main()", *args],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert message in proc.stdout + proc.stderr
+
+
+def test_every_command_explains_its_options_with_an_example():
+    runner = CliRunner()
+    for command in ("harvest", "train", "compile", "eval", "quickstart"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        assert "Example:" in result.output

@@ -1,0 +1,49 @@
+"""The quickstart's shipped teacher recording covers every teacher call the quickstart makes."""
+
+import dspy
+import pytest
+
+from steper_dspy.cli.quickstart import quickstart_config, recorded_teacher_path
+from steper_dspy.cli.run import load_task, teacher_lm, teacher_program
+from steper_dspy.compilers import HarvestStore, harvest, student_adapter
+from steper_dspy.evals import METRICS
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    config = quickstart_config(output=str(tmp_path_factory.mktemp("qs")), student="unused-student")
+    return config, load_task(config)
+
+
+def test_the_recording_is_shipped_in_the_package():
+    path = recorded_teacher_path()
+    assert path.exists() and path.stat().st_size > 0
+
+
+def test_recording_replays_the_whole_harvest_and_teacher_eval(quickstart, tmp_path):
+    config, task = quickstart
+    teacher = teacher_lm(config)  # replay only: no live teacher is given
+    assert teacher.model.startswith("steper-replay/")
+    report = harvest(
+        task.program(config, test=False),
+        teacher_program(config, task, teacher, test=False),
+        task.trainset,
+        HarvestStore(tmp_path / "harvest.jsonl"),
+        metric=METRICS[config.metric],
+        adapter=student_adapter(),
+        progress=False,
+    )
+    assert report.lm_failures == 0, "a request missing from the recording would be a teacher failure"
+    assert report.chains == len(task.trainset) and report.kept > 0
+    program = teacher_program(config, task, teacher, test=True)
+    for example in task.testset:
+        program(question=example.question)  # raises SteperError on a request that was not recorded
+
+
+def test_a_changed_prompt_is_caught_with_the_fix_named(quickstart):
+    config, task = quickstart
+    program = teacher_program(config, task, teacher_lm(config), test=True)
+    program.initialize.signature = program.initialize.signature.with_instructions("A changed instruction.")
+    with pytest.raises(Exception, match="not recorded|record"):
+        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+            program(question=task.testset[0].question)
