@@ -86,7 +86,11 @@ def test_user_errors_end_with_one_line_and_exit_code_2(tmp_path, args, message):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run(
         [sys.executable, "-c", "from steper_dspy.cli import main; main()", *args],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

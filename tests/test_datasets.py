@@ -306,12 +306,30 @@ VALID_ROWS = {
 }
 LOADERS = {"hotpotqa": load_hotpotqa, "hotpotqa-hub": load_hotpotqa, "2wiki": load_2wiki, "musique": load_musique}
 REQUIRED = {
-    "hotpotqa": {"_id": "str", "question": "str", "answer": "str", "type": "str", "supporting_facts": "list",
-                 "context": "list"},
-    "hotpotqa-hub": {"id": "str", "question": "str", "answer": "str", "type": "str", "supporting_facts": "list",
-                     "context": "list"},
-    "2wiki": {"_id": "str", "question": "str", "answer": "str", "type": "str", "supporting_facts": "list",
-              "context": "list"},
+    "hotpotqa": {
+        "_id": "str",
+        "question": "str",
+        "answer": "str",
+        "type": "str",
+        "supporting_facts": "list",
+        "context": "list",
+    },
+    "hotpotqa-hub": {
+        "id": "str",
+        "question": "str",
+        "answer": "str",
+        "type": "str",
+        "supporting_facts": "list",
+        "context": "list",
+    },
+    "2wiki": {
+        "_id": "str",
+        "question": "str",
+        "answer": "str",
+        "type": "str",
+        "supporting_facts": "list",
+        "context": "list",
+    },
     "musique": {"id": "str", "question": "str", "answer": "str", "paragraphs": "list"},
 }
 # Nested breakages: (format, path into the row, replacement, the field the message must name).
@@ -337,7 +355,11 @@ NESTED = [
 ]
 
 not_str = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), min_size=1),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.lists(st.integers(), min_size=1),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 not_list = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5))

@@ -10,16 +10,20 @@ from steper_dspy.evals.evaluate import EvaluationReport, evaluate_program
 
 def make(i, question, answer, titles, qtype, hops, aliases=()):
     return dspy.Example(
-        id=f"q{i}", question=question, answer=answer, answer_aliases=list(aliases), supporting_titles=titles,
-        type=qtype, hops=hops,
+        id=f"q{i}",
+        question=question,
+        answer=answer,
+        answer_aliases=list(aliases),
+        supporting_titles=titles,
+        type=qtype,
+        hops=hops,
     ).with_inputs("question")
 
 
 DEVSET = [
     make(0, "Where was A born?", "Quessa", ["A", "Quessa"], "bridge", 2),
     make(1, "Who is older, B or C?", "Varo Meltin", ["B", "C"], "comparison", 2),
-    make(2, "Which country hosts D's employer?", "United States", ["D", "E", "F"], "compositional", 3,
-         aliases=["USA"]),
+    make(2, "Which country hosts D's employer?", "United States", ["D", "E", "F"], "compositional", 3, aliases=["USA"]),
     make(3, "What year was G founded?", "1931", ["G", "H", "I", "J"], "compositional", 4),
 ]
 
@@ -64,10 +68,19 @@ def test_scores_steps_recall_and_groups():
     assert list(report.by_hops) == [2, 3, 4]
     assert report.by_hops[2] == pytest.approx({"em": 50.0, "f1": 100 * (1 + 2 / 3) / 2, "accuracy": 50.0, "count": 2})
     first = report.rows[0]
-    assert {k: first[k] for k in ("id", "question", "gold", "predicted", "em", "f1", "accuracy", "steps", "type",
-                                  "hops")} == {
-        "id": "q0", "question": "Where was A born?", "gold": "Quessa", "predicted": "Quessa", "em": True, "f1": 1.0,
-        "accuracy": True, "steps": 2, "type": "bridge", "hops": 2,
+    assert {
+        k: first[k] for k in ("id", "question", "gold", "predicted", "em", "f1", "accuracy", "steps", "type", "hops")
+    } == {
+        "id": "q0",
+        "question": "Where was A born?",
+        "gold": "Quessa",
+        "predicted": "Quessa",
+        "em": True,
+        "f1": 1.0,
+        "accuracy": True,
+        "steps": 2,
+        "type": "bridge",
+        "hops": 2,
     }
     assert report.summary() == pytest.approx(
         {"em": 25.0, "f1": report.f1, "accuracy": 50.0, "failures": 0, "avg_steps": 3.5, "recall": 62.5, "n": 4}

@@ -3,6 +3,7 @@
 import dspy
 import pytest
 
+from steper_dspy import SteperError
 from steper_dspy.cli.quickstart import quickstart_config, recorded_teacher_path
 from steper_dspy.cli.run import load_task, teacher_lm, teacher_program
 from steper_dspy.compilers import HarvestStore, harvest, student_adapter
@@ -44,6 +45,6 @@ def test_a_changed_prompt_is_caught_with_the_fix_named(quickstart):
     config, task = quickstart
     program = teacher_program(config, task, teacher_lm(config), test=True)
     program.initialize.signature = program.initialize.signature.with_instructions("A changed instruction.")
-    with pytest.raises(Exception, match="not recorded|record"):
-        with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-            program(question=task.testset[0].question)
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    with pytest.raises(SteperError, match="not recorded"), dspy.context(adapter=adapter):
+        program(question=task.testset[0].question)

@@ -1,5 +1,6 @@
 """STEPER end to end on a tiny local student and a scripted teacher: harvest, train, compiled program, save/load."""
 
+import contextlib
 import json
 
 import dspy
@@ -46,26 +47,15 @@ def test_compile_returns_a_copy_running_on_the_trained_student(compiled):
 
 def test_compiled_program_uses_the_student_adapter_without_json_fallback(compiled):
     _, _, result, _ = compiled
-    seen = []
-
-    class Spy(dspy.ChatAdapter):
-        pass
-
-    original = result._student_adapter
-    assert isinstance(original, dspy.ChatAdapter) and original.use_json_adapter_fallback is False
-    result._student_adapter = Spy(use_json_adapter_fallback=False)
-    try:
-        with dspy.context(adapter=dspy.JSONAdapter()):
-            try:
-                result(question="Where was Alpha born?")
-            except Exception:
-                pass
-            seen = [
-                entry for entry in result.initialize.lm.history[-3:] if "[[ ## question ## ]]" in str(entry["messages"])
-            ]
-    finally:
-        result._student_adapter = original
-    assert seen, "the student ran with the chat format it was trained on, not the JSON adapter in context"
+    adapter = result._student_adapter
+    assert type(adapter) is dspy.ChatAdapter and adapter.use_json_adapter_fallback is False
+    lm = result.initialize.lm
+    before = len(lm.history)
+    with dspy.context(adapter=dspy.JSONAdapter()), contextlib.suppress(Exception):
+        result(question="Where was Alpha born?")  # the untrained tiny student may not parse
+    calls = lm.history[before:]
+    assert len(calls) == 1, "a parse failure does not trigger a second (JSON) generation"
+    assert "[[ ## question ## ]]" in calls[0]["messages"][-1]["content"], "the chat format it was trained on"
 
 
 def test_saved_program_folder_loads_back_with_the_same_model(compiled):

@@ -92,8 +92,13 @@ def test_questions_never_contain_their_answer(dataset):
 
 def test_a_mix_of_types_and_hops(dataset):
     kinds = Counter((e.type, e.hops) for e in dataset.examples)
-    assert set(kinds) == {("bridge", 2), ("comparison", 2), ("comparison", 4), ("compositional", 3),
-                          ("compositional", 4)}
+    assert set(kinds) == {
+        ("bridge", 2),
+        ("comparison", 2),
+        ("comparison", 4),
+        ("compositional", 3),
+        ("compositional", 4),
+    }
     assert min(kinds.values()) >= 10
     assert len({e.question.split(" the ")[0] for e in dataset.examples}) >= 5
 
@@ -102,8 +107,10 @@ def test_bm25_finds_the_first_hop_but_not_the_whole_chain(dataset):
     bm25s = pytest.importorskip("bm25s")
     titles = [p["title"] for p in dataset.corpus]
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([f"{p['title']} | {p['text']}" for p in dataset.corpus], show_progress=False),
-                    show_progress=False)
+    retriever.index(
+        bm25s.tokenize([f"{p['title']} | {p['text']}" for p in dataset.corpus], show_progress=False),
+        show_progress=False,
+    )
     questions = bm25s.tokenize([e.question for e in dataset.examples], show_progress=False)
     hits, _ = retriever.retrieve(questions, k=4, show_progress=False)
     first = whole = 0

@@ -27,8 +27,13 @@ class _Question:
 _Template = Callable[[World, random.Random], _Question | None]
 
 # Share of each kind of question; 2-hop bridges are the most common, as in HotpotQA.
-_MIX: dict[str, float] = {"bridge": 0.36, "comparison2": 0.14, "compositional3": 0.26, "compositional4": 0.12,
-                          "comparison4": 0.12}
+_MIX: dict[str, float] = {
+    "bridge": 0.36,
+    "comparison2": 0.14,
+    "compositional3": 0.26,
+    "compositional4": 0.12,
+    "comparison4": 0.12,
+}
 
 
 def synthetic_multihop(*, seed: int = 0, num_questions: int = 120) -> MultiHopDataset:
@@ -145,8 +150,9 @@ def _novel_author_city(world: World, rng: random.Random) -> _Question:
 def _film_director_year(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "film"))
     d = _creator(world, w)
-    return _Question(f"In what year was the director of the film {w.title} born?", str(d.born), (w.title, d.name),
-                     "bridge")
+    return _Question(
+        f"In what year was the director of the film {w.title} born?", str(d.born), (w.title, d.name), "bridge"
+    )
 
 
 def _person_employer_city(world: World, rng: random.Random) -> _Question:
@@ -163,15 +169,17 @@ def _person_country(world: World, rng: random.Random) -> _Question:
 def _novel_publisher_founded(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "novel"))
     o = world.org[w.org]
-    return _Question(f"In what year was the publisher of the novel {w.title} founded?", str(o.founded),
-                     (w.title, o.name), "bridge")
+    return _Question(
+        f"In what year was the publisher of the novel {w.title} founded?", str(o.founded), (w.title, o.name), "bridge"
+    )
 
 
 def _film_studio_founder(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "film"))
     o = world.org[w.org]
-    return _Question(f"Who founded the studio that produced the film {w.title}?", o.founder, (w.title, o.name),
-                     "bridge")
+    return _Question(
+        f"Who founded the studio that produced the film {w.title}?", o.founder, (w.title, o.name), "bridge"
+    )
 
 
 def _org_founder_city(world: World, rng: random.Random) -> _Question:
@@ -195,8 +203,12 @@ def _older_org_founded(world: World, rng: random.Random) -> _Question | None:
     x, y = _two(rng, world.organisations)
     if x.founded == y.founded:
         return None
-    return _Question(f"When was the older of {x.name} and {y.name} founded?", str(min(x.founded, y.founded)),
-                     (x.name, y.name), "comparison")
+    return _Question(
+        f"When was the older of {x.name} and {y.name} founded?",
+        str(min(x.founded, y.founded)),
+        (x.name, y.name),
+        "comparison",
+    )
 
 
 def _earlier_film_director(world: World, rng: random.Random) -> _Question | None:
@@ -204,8 +216,12 @@ def _earlier_film_director(world: World, rng: random.Random) -> _Question | None
     if f.year == g.year:
         return None
     earlier = min(f, g, key=lambda w: w.year)
-    return _Question(f"Who directed the earlier of the films {f.title} and {g.title}?", earlier.creator,
-                     (f.title, g.title), "comparison")
+    return _Question(
+        f"Who directed the earlier of the films {f.title} and {g.title}?",
+        earlier.creator,
+        (f.title, g.title),
+        "comparison",
+    )
 
 
 def _earlier_novel_publisher(world: World, rng: random.Random) -> _Question | None:
@@ -213,8 +229,12 @@ def _earlier_novel_publisher(world: World, rng: random.Random) -> _Question | No
     if b.year == c.year:
         return None
     earlier = min(b, c, key=lambda w: w.year)
-    return _Question(f"Which company published the earlier of the novels {b.title} and {c.title}?", earlier.org,
-                     (b.title, c.title), "comparison")
+    return _Question(
+        f"Which company published the earlier of the novels {b.title} and {c.title}?",
+        earlier.org,
+        (b.title, c.title),
+        "comparison",
+    )
 
 
 # --- 3-hop compositions -----------------------------------------------------------------------------------------
@@ -224,8 +244,12 @@ def _work_creator_country(kind: str, role: str) -> _Template:
     def template(world: World, rng: random.Random) -> _Question:
         w = rng.choice(_works(world, kind))
         p = _creator(world, w)
-        return _Question(f"In which country was the {role} of the {kind} {w.title} born?", _country_of(world, p.city),
-                         (w.title, p.name, p.city), "compositional")
+        return _Question(
+            f"In which country was the {role} of the {kind} {w.title} born?",
+            _country_of(world, p.city),
+            (w.title, p.name, p.city),
+            "compositional",
+        )
 
     return template
 
@@ -234,31 +258,47 @@ def _film_director_employer_city(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "film"))
     d = _creator(world, w)
     e = _employer(world, d)
-    return _Question(f"In which city is the employer of the director of the film {w.title} headquartered?", e.city,
-                     (w.title, d.name, e.name), "compositional")
+    return _Question(
+        f"In which city is the employer of the director of the film {w.title} headquartered?",
+        e.city,
+        (w.title, d.name, e.name),
+        "compositional",
+    )
 
 
 def _novel_author_employer_founded(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "novel"))
     a = _creator(world, w)
     e = _employer(world, a)
-    return _Question(f"In what year was the employer of the author of the novel {w.title} founded?", str(e.founded),
-                     (w.title, a.name, e.name), "compositional")
+    return _Question(
+        f"In what year was the employer of the author of the novel {w.title} founded?",
+        str(e.founded),
+        (w.title, a.name, e.name),
+        "compositional",
+    )
 
 
 def _novel_publisher_founder_born(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "novel"))
     o = world.org[w.org]
     f = _founder(world, o)
-    return _Question(f"In what year was the founder of the publisher of the novel {w.title} born?", str(f.born),
-                     (w.title, o.name, f.name), "compositional")
+    return _Question(
+        f"In what year was the founder of the publisher of the novel {w.title} born?",
+        str(f.born),
+        (w.title, o.name, f.name),
+        "compositional",
+    )
 
 
 def _film_studio_country(world: World, rng: random.Random) -> _Question:
     w = rng.choice(_works(world, "film"))
     o = world.org[w.org]
-    return _Question(f"In which country is the studio that produced the film {w.title} headquartered?",
-                     _country_of(world, o.city), (w.title, o.name, o.city), "compositional")
+    return _Question(
+        f"In which country is the studio that produced the film {w.title} headquartered?",
+        _country_of(world, o.city),
+        (w.title, o.name, o.city),
+        "compositional",
+    )
 
 
 # --- 4-hop compositions -----------------------------------------------------------------------------------------
@@ -269,8 +309,12 @@ def _work_creator_employer_country(kind: str, role: str) -> _Template:
         w = rng.choice(_works(world, kind))
         p = _creator(world, w)
         e = _employer(world, p)
-        return _Question(f"In which country is the employer of the {role} of the {kind} {w.title} headquartered?",
-                         _country_of(world, e.city), (w.title, p.name, e.name, e.city), "compositional")
+        return _Question(
+            f"In which country is the employer of the {role} of the {kind} {w.title} headquartered?",
+            _country_of(world, e.city),
+            (w.title, p.name, e.name, e.city),
+            "compositional",
+        )
 
     return template
 
@@ -280,8 +324,12 @@ def _work_org_founder_country(kind: str, org_phrase: str) -> _Template:
         w = rng.choice(_works(world, kind))
         o = world.org[w.org]
         f = _founder(world, o)
-        return _Question(f"In which country was the founder of the {org_phrase} {kind} {w.title} born?",
-                         _country_of(world, f.city), (w.title, o.name, f.name, f.city), "compositional")
+        return _Question(
+            f"In which country was the founder of the {org_phrase} {kind} {w.title} born?",
+            _country_of(world, f.city),
+            (w.title, o.name, f.name, f.city),
+            "compositional",
+        )
 
     return template
 
@@ -295,8 +343,12 @@ def _author_or_director_born_first(world: World, rng: random.Random) -> _Questio
     if a.born == d.born:
         return None
     first = min(a, d, key=lambda p: p.born)
-    return _Question(f"Who was born first, the author of the novel {b.title} or the director of the film {f.title}?",
-                     first.name, (b.title, a.name, f.title, d.name), "comparison")
+    return _Question(
+        f"Who was born first, the author of the novel {b.title} or the director of the film {f.title}?",
+        first.name,
+        (b.title, a.name, f.title, d.name),
+        "comparison",
+    )
 
 
 def _publisher_or_studio_founded_first(world: World, rng: random.Random) -> _Question | None:
@@ -315,15 +367,29 @@ def _publisher_or_studio_founded_first(world: World, rng: random.Random) -> _Que
 
 
 _TEMPLATES: dict[str, list[_Template]] = {
-    "bridge": [_novel_author_city, _film_director_year, _person_employer_city, _person_country,
-               _novel_publisher_founded, _film_studio_founder, _org_founder_city],
+    "bridge": [
+        _novel_author_city,
+        _film_director_year,
+        _person_employer_city,
+        _person_country,
+        _novel_publisher_founded,
+        _film_studio_founder,
+        _org_founder_city,
+    ],
     "comparison2": [_elder_birthplace, _older_org_founded, _earlier_film_director, _earlier_novel_publisher],
-    "compositional3": [_work_creator_country("novel", "author"), _work_creator_country("film", "director"),
-                       _film_director_employer_city, _novel_author_employer_founded, _novel_publisher_founder_born,
-                       _film_studio_country],
-    "compositional4": [_work_creator_employer_country("film", "director"),
-                       _work_creator_employer_country("novel", "author"),
-                       _work_org_founder_country("novel", "publisher of the"),
-                       _work_org_founder_country("film", "studio that produced the")],
+    "compositional3": [
+        _work_creator_country("novel", "author"),
+        _work_creator_country("film", "director"),
+        _film_director_employer_city,
+        _novel_author_employer_founded,
+        _novel_publisher_founder_born,
+        _film_studio_country,
+    ],
+    "compositional4": [
+        _work_creator_employer_country("film", "director"),
+        _work_creator_employer_country("novel", "author"),
+        _work_org_founder_country("novel", "publisher of the"),
+        _work_org_founder_country("film", "studio that produced the"),
+    ],
     "comparison4": [_author_or_director_born_first, _publisher_or_studio_founded_first],
 }

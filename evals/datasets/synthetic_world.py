@@ -10,15 +10,69 @@ process.
 import random
 from dataclasses import dataclass, field
 
-_ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "sh", "t", "th", "tr",
-           "v", "z"]
+_ONSETS = [
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "sh",
+    "t",
+    "th",
+    "tr",
+    "v",
+    "z",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ie"]
 _CODAS = ["", "", "", "", "l", "n", "r", "s", "m", "th"]
 
-_ADJECTIVES = ["Glass", "Silent", "Amber", "Hollow", "Iron", "Crimson", "Distant", "Broken", "Paper", "Winter",
-               "Golden", "Quiet", "Salt", "Velvet", "Northern", "Last"]
-_NOUNS = ["Orchard", "Harbor", "Lantern", "River", "Garden", "Mirror", "Tower", "Voyage", "Island", "Bridge",
-          "Letter", "Season", "Forest", "Crown", "Shadow", "Meadow"]
+_ADJECTIVES = [
+    "Glass",
+    "Silent",
+    "Amber",
+    "Hollow",
+    "Iron",
+    "Crimson",
+    "Distant",
+    "Broken",
+    "Paper",
+    "Winter",
+    "Golden",
+    "Quiet",
+    "Salt",
+    "Velvet",
+    "Northern",
+    "Last",
+]
+_NOUNS = [
+    "Orchard",
+    "Harbor",
+    "Lantern",
+    "River",
+    "Garden",
+    "Mirror",
+    "Tower",
+    "Voyage",
+    "Island",
+    "Bridge",
+    "Letter",
+    "Season",
+    "Forest",
+    "Crown",
+    "Shadow",
+    "Meadow",
+]
 
 _ORG_SUFFIXES = {
     "publisher": ["Press", "Books", "House"],
@@ -28,8 +82,14 @@ _ORG_SUFFIXES = {
 _INDUSTRIES = ["shipping", "textile", "software", "mining", "railway", "brewing", "insurance"]
 _OTHER_OCCUPATIONS = ["engineer", "painter", "architect", "banker", "actor", "chemist", "journalist"]
 _AUTHOR_OCCUPATIONS = ["novelist", "writer"]
-_STORY_SUBJECTS = ["a lighthouse keeper", "two sisters", "a travelling clockmaker", "a failed harvest",
-                   "a forgotten archive", "an exiled musician"]
+_STORY_SUBJECTS = [
+    "a lighthouse keeper",
+    "two sisters",
+    "a travelling clockmaker",
+    "a failed harvest",
+    "a forgotten archive",
+    "an exiled musician",
+]
 
 
 @dataclass
@@ -159,8 +219,16 @@ def build_world(rng: random.Random, *, scale: int = 1) -> World:
             born = rng.randint(1900, 1985)
             prize = f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} Prize"
             people.append(
-                Person(name, family, occupation, born, rng.choice(cities).name, rng.choice(organisations).name,
-                       prize, born + rng.randint(28, 34))
+                Person(
+                    name,
+                    family,
+                    occupation,
+                    born,
+                    rng.choice(cities).name,
+                    rng.choice(organisations).name,
+                    prize,
+                    born + rng.randint(28, 34),
+                )
             )
 
     founders = [p for p in people if p.born <= 1950]
@@ -211,8 +279,7 @@ def _country_text(c: Country) -> str:
 
 def _city_text(c: City, world: World) -> str:
     text = (
-        f"{c.name} is a city in {c.country}, on the river {c.river}. "
-        f"In 2010 it had about {c.population:,} inhabitants."
+        f"{c.name} is a city in {c.country}, on the river {c.river}. In 2010 it had about {c.population:,} inhabitants."
     )
     capitals = [country.name for country in world.countries if country.capital == c.name]
     return text + (f" It is the capital of {capitals[0]}." if capitals else "")
@@ -233,7 +300,6 @@ def _person_text(p: Person) -> str:
 def _work_text(w: Work) -> str:
     if w.kind == "novel":
         return (
-            f"{w.title} is a novel by {w.creator}, published in {w.year} by {w.org}. "
-            f"It tells the story of {w.detail}."
+            f"{w.title} is a novel by {w.creator}, published in {w.year} by {w.org}. It tells the story of {w.detail}."
         )
     return f"{w.title} is a {w.year} film directed by {w.creator}. It was produced by {w.org} and stars {w.detail}."

@@ -36,8 +36,17 @@ Mode = Literal["record", "replay", "auto"]
 FORMAT_VERSION = 1
 # Generation settings copied from the live LM; anything else in its kwargs (api_base, headers) stays out.
 _SETTINGS = (
-    "temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "stop", "seed", "n",
-    "frequency_penalty", "presence_penalty", "reasoning_effort",
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "n",
+    "frequency_penalty",
+    "presence_penalty",
+    "reasoning_effort",
 )
 # Config fields that do not change what the model answers.
 _KEY_EXCLUDED_CONFIG = {"cache", "user_id", "store", "service_tier"}
@@ -351,9 +360,7 @@ class RecordedLM(dspy.LM):
             return await super().acall(prompt, messages=messages, **kwargs)
 
 
-def recorded_lm(
-    path: str | Path, lm: dspy.BaseLM | None = None, *, mode: Mode = "auto", **kwargs: Any
-) -> RecordedLM:
+def recorded_lm(path: str | Path, lm: dspy.BaseLM | None = None, *, mode: Mode = "auto", **kwargs: Any) -> RecordedLM:
     """A `dspy.LM` that records `lm`'s answers to a JSONL file, or replays them from it without `lm`.
 
     Each line holds one answer with its key (a hash of the messages and the settings that change outputs:
