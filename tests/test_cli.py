@@ -58,7 +58,7 @@ def test_missing_api_key_is_a_clear_error(monkeypatch):
     with pytest.raises(SteperError, match="OPENAI_API_KEY"):
         make_lm("openai/gpt-4o-mini")
     lm = make_lm("openai/gpt-4o-mini", api_base="http://127.0.0.1:9/v1")  # a local server needs no key
-    assert lm.model == "openai/gpt-4o-mini"
+    assert lm.model == "openai/gpt-4o-mini" and lm.kwargs["api_key"] == "EMPTY"
 
 
 def test_programs_by_name_and_by_import_path():

@@ -41,6 +41,9 @@ def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **
     if is_api_model(spec):
         if api_base is None:
             _check_api_key(spec)
+        elif _missing_keys(spec):
+            # A local server (vLLM, transformers serve, ...) needs no key, but the clients refuse to send none.
+            kwargs.setdefault("api_key", "EMPTY")
         return dspy.LM(spec, api_base=api_base, max_tokens=max_tokens, temperature=0.0, **kwargs)
     if api_base is not None:
         raise SteperError(
@@ -52,15 +55,19 @@ def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **
     return local_lm(spec, max_tokens=max_tokens, **kwargs)
 
 
-def _check_api_key(spec: str) -> None:
+def _missing_keys(spec: str) -> list[str]:
     import litellm
 
     try:
         env = litellm.validate_environment(model=spec)
     except Exception:  # litellm could not tell: let the first call report it
-        return
-    missing = env.get("missing_keys") or []
-    if not env.get("keys_in_environment", True) and missing:
+        return []
+    return [] if env.get("keys_in_environment", True) else list(env.get("missing_keys") or [])
+
+
+def _check_api_key(spec: str) -> None:
+    missing = _missing_keys(spec)
+    if missing:
         raise SteperError(
             f"No API key for {spec}: set {' or '.join(missing)} in the environment (or pass --api-base for a "
             "server that needs none)."
