@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 import weakref
@@ -20,6 +19,7 @@ from steper_dspy.errors import SteperError
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
+from steper_dspy.lm.threaded import ThreadedAsyncEngine
 
 # DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
 # otherwise ramble on for, and the marker is kept in the text so the adapter still sees a complete answer.
@@ -243,33 +243,10 @@ class TransformersEngine:
         return engine
 
 
-class AsyncTransformersEngine:
+class AsyncTransformersEngine(ThreadedAsyncEngine):
     """The async face of a `TransformersEngine` (for `acall`): runs generation in a worker thread."""
 
-    def __init__(self, sync: TransformersEngine):
-        self.sync = sync
-
-    async def complete(self, request: Request) -> Response:
-        """Generate one completion without blocking the event loop."""
-        return await asyncio.to_thread(self.sync.complete, request)
-
-    async def stream(self, request: Request) -> Any:
-        """Stream events of one completion."""
-        for event in response_to_events(await self.complete(request)):
-            yield event
-
-    async def aclose(self) -> None:
-        """Drop the model handle."""
-        self.sync.close()
-
-    def dump_state(self) -> dict[str, Any]:
-        """The sync engine's settings."""
-        return self.sync.dump_state()
-
-    @classmethod
-    def load_state(cls, state: dict[str, Any]) -> AsyncTransformersEngine:
-        """Rebuild from `dump_state()`."""
-        return cls(TransformersEngine.load_state(state))
+    sync_class = TransformersEngine
 
 
 def _portable(path: str | Path) -> str:

@@ -8,7 +8,6 @@ teacher runs reproducible offline and tests independent of a live model.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import dataclasses
 import hashlib
@@ -29,6 +28,7 @@ from dspy.lm15 import Request, Response, response_to_events
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.errors import SteperLMError
+from steper_dspy.lm.threaded import ThreadedAsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -305,32 +305,10 @@ def _generation_settings(kwargs: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-class AsyncRecordingEngine:
+class AsyncRecordingEngine(ThreadedAsyncEngine):
     """The async face of a `RecordingEngine` (for `acall`), running it in a worker thread."""
 
-    def __init__(self, sync: RecordingEngine):
-        self.sync = sync
-
-    async def complete(self, request: Request) -> Response:
-        """Answer one request without blocking the event loop."""
-        return await asyncio.to_thread(self.sync.complete, request)
-
-    async def stream(self, request: Request) -> Any:
-        """Stream events of one answer."""
-        for event in response_to_events(await self.complete(request)):
-            yield event
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
-
-    def dump_state(self) -> dict[str, Any]:
-        """The sync engine's settings."""
-        return self.sync.dump_state()
-
-    @classmethod
-    def load_state(cls, state: dict[str, Any]) -> AsyncRecordingEngine:
-        """Rebuild from `dump_state()`."""
-        return cls(RecordingEngine.load_state(state))
+    sync_class = RecordingEngine
 
 
 @contextmanager
