@@ -4,7 +4,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,16 @@ class HarvestStore:
 
     Each line is written whole, flushed and fsynced before the next chain is started being counted as
     done, so a crash at any moment loses at most the chains still running. A torn last line (the
-    process died mid-write) is cut off when the file is opened, and its chain is simply redone.
+    process died mid-write) is cut off when the file is opened, and its chain is simply redone; a whole
+    record missing only its newline is kept. Every complete line must be a valid record: any other line
+    (not UTF-8, not JSON, a missing or mistyped field) raises :class:`SteperError` naming the file and the
+    line, and the file is left as it was.
 
     Args:
         path: The JSONL file (created with its folder if missing).
+
+    Raises:
+        SteperError: A complete line of the file is not a valid chain record.
     """
 
     def __init__(self, path: str | Path):
@@ -77,11 +83,15 @@ class HarvestStore:
 
     def append(self, record: ChainRecord) -> None:
         """Write one chain durably; a chain already in the file is not written twice."""
-        line = json.dumps(asdict(record), ensure_ascii=False) + "\n"
+        fields_ = asdict(record)
+        try:
+            line = (json.dumps(fields_, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in the text: escaped as \udxxx, it reads back the same
+            line = (json.dumps(fields_) + "\n").encode("ascii")
         with self._lock:
             if record.key in self._records:
                 return
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "ab") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
@@ -92,18 +102,88 @@ class HarvestStore:
             return
         data = self.path.read_bytes()
         good_end = data.rfind(b"\n") + 1
-        if good_end < len(data):
-            # The last write was cut short by a crash: drop the partial line so its chain is redone.
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-        for number, line in enumerate(data[:good_end].decode("utf-8").splitlines(), start=1):
-            if not line.strip():
+        # Split on b"\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that
+        # json.dumps(ensure_ascii=False) leaves unescaped inside a record. The file is left untouched when a
+        # complete line is corrupt.
+        for number, raw in enumerate(data[:good_end].split(b"\n")[:-1], start=1):
+            if not raw.strip():
                 continue
             try:
-                record = ChainRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError) as err:
+                record = _parse_record(raw)
+            except (ValueError, TypeError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError included
                 raise SteperError(
                     f"Harvest file {self.path} line {number} is corrupt ({err}); delete that line "
                     "(its chain is redone) or the file (everything is redone)."
                 ) from None
             self._records.setdefault(record.key, record)
+        tail = data[good_end:]
+        if not tail:
+            return
+        try:
+            record = _parse_record(tail) if tail.strip() else None
+        except (ValueError, TypeError, RecursionError):
+            record = None
+        with open(self.path, "r+b") as f:
+            if record is None:
+                # The last write was cut short by a crash: drop the partial line so its chain is redone.
+                f.truncate(good_end)
+            else:
+                # A whole record missing only its newline (e.g. a hand-edited file): keep it, end the line.
+                f.seek(len(data))
+                f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if record is not None:
+            self._records.setdefault(record.key, record)
+
+
+_REQUIRED = {f.name for f in fields(ChainRecord) if f.default is MISSING and f.default_factory is MISSING}
+_KNOWN = {f.name for f in fields(ChainRecord)}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parse_record(raw: bytes) -> ChainRecord:
+    """One line of the file as a ChainRecord; ValueError naming what is wrong with it."""
+    value = json.loads(raw.decode("utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {_kind(value)}, not an object")
+    if missing := sorted(_REQUIRED - value.keys()):
+        raise ValueError(f"missing field(s) {missing}")
+    if unknown := sorted(value.keys() - _KNOWN):
+        raise ValueError(f"unknown field(s) {unknown}")
+
+    def check(name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"field {name!r} is {_shown(value[name])}, not {expected}")
+
+    number = (int, float)
+    check("example_id", isinstance(value["example_id"], str), "a string")
+    rollout = value["rollout"]
+    check("rollout", isinstance(rollout, int) and not isinstance(rollout, bool) and rollout >= 0, "an int >= 0")
+    check("kept", isinstance(value["kept"], bool), "true or false")
+    check("reason", value["reason"] is None or isinstance(value["reason"], str), "a string or null")
+    check("score", isinstance(value["score"], number) and not isinstance(value["score"], bool), "a number")
+    samples = value.setdefault("samples", [])
+    check("samples", isinstance(samples, list), "a list")
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, dict) or not isinstance(sample.get("stage"), str):
+            raise ValueError(f"samples[{index}] is not an object with a string 'stage'")
+    filtered = value.setdefault("filtered", {})
+    check(
+        "filtered",
+        isinstance(filtered, dict) and all(isinstance(n, int) and not isinstance(n, bool) for n in filtered.values()),
+        "an object of counts",
+    )
+    try:
+        score = float(value["score"])
+    except OverflowError:
+        raise ValueError("field 'score' is too large for a float") from None
+    return ChainRecord(**{**value, "score": score})
