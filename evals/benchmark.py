@@ -67,7 +67,6 @@ def run_benchmark(
         with timings.track(f"eval {key}"):
             results[system.name] = run_eval(config, task, make_lm(str(training.output_dir)), student=True)
     console.print(results_table(results))
-    (out / "results.json").write_text(json.dumps({name: r.summary() for name, r in results.items()}, indent=2))
     with open(out / "predictions.jsonl", "w") as f:
         for name, r in results.items():
             for row in r.rows:

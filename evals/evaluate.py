@@ -1,7 +1,8 @@
 """Evaluate a multi-hop program once with `dspy.Evaluate` and report EM, F1, accuracy, failures, steps and recall."""
 
 import contextlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,22 @@ def evaluate_program(
         failure_score=0.0,
         provide_traceback=False,
     )
-    with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
+    with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext(), _quiet_failures():
         result = evaluator(program)
     return build_report([(example, prediction) for example, prediction, _ in result.results])
+
+
+@contextlib.contextmanager
+def _quiet_failures() -> Iterator[None]:
+    # A weak student fails to parse on many questions; each failure is counted in the report, so DSPy's
+    # per-question error log (the whole unparsed completion) would only bury the progress bar.
+    logger = logging.getLogger("dspy.utils.parallelizer")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def build_report(results: Iterable[tuple[dspy.Example, Any]]) -> EvaluationReport:

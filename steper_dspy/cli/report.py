@@ -97,7 +97,7 @@ def write_report(
     harvest_summary: str | None = None,
     training_log: Path | None = None,
 ) -> Path:
-    """Write ``report.md`` with the results table, per-type breakdown, timings and plots into `out_dir`."""
+    """Write ``report.md`` (results table, per-type breakdown, timings, plots) and ``results.json`` into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     lines += [f"- **{key}**: {value}" for key, value in details.items()]
@@ -131,4 +131,11 @@ def write_report(
     lines.append(f"| total | {total:.1f} | 100% |")
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    scores = {
+        system: {**r.summary(), "by_type": r.by_type, "by_hops": {str(k): v for k, v in r.by_hops.items()}}
+        for system, r in results.items()
+    }
+    (out_dir / "results.json").write_text(
+        json.dumps({"details": details, "timings": timings, "results": scores}, indent=2)
+    )
     return path
