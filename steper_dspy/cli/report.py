@@ -1,6 +1,7 @@
 """What a run shows a person: a table in the terminal, `report.md`, and PNG plots next to the numbers."""
 
 import json
+import textwrap
 from pathlib import Path
 
 from rich.console import Console
@@ -78,7 +79,7 @@ def plot_accuracy(results: dict[str, EvaluationReport], out: Path) -> Path:
         values = [getattr(results[s], metric) for s in systems]
         bars = ax.bar([x + i * width for x in range(len(systems))], values, width, label=metric)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([x + width for x in range(len(systems))], systems)
+    ax.set_xticks([x + width for x in range(len(systems))], [textwrap.fill(s, 14) for s in systems], fontsize=8)
     ax.set(ylabel="%", ylim=(0, 105), title="held-out questions")
     ax.legend()
     fig.tight_layout()
