@@ -143,12 +143,10 @@ def harvest(
             threshold,
             step_filter,
         )
-        if record is None:
-            counts["lm_failures"] += 1
-        else:
+        if record is not None:
             store.append(record)
-            counts["kept" if record.kept else "dropped"] += 1
         with lock:
+            counts["lm_failures" if record is None else "kept" if record.kept else "dropped"] += 1
             bar.update()
             bar.set_postfix(kept=counts["kept"], dropped=counts["dropped"], errors=counts["lm_failures"])
 

@@ -1,5 +1,6 @@
 """The harvest file: one JSON line per teacher chain, appended as chains finish, resumable after a crash."""
 
+import contextlib
 import json
 import os
 import threading
@@ -62,22 +63,30 @@ class HarvestStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._records: dict[tuple[str, int], ChainRecord] = {}
+        # Only the keys stay in memory; records are streamed from the file, so memory stays flat as it grows.
+        self._keys: set[tuple[str, int]] = set()
         self._load()
 
     def __contains__(self, key: tuple[str, int]) -> bool:
-        return key in self._records
+        return key in self._keys
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._keys)
 
-    def records(self) -> list[ChainRecord]:
-        """All chains in the file, in the order they were written."""
-        return list(self._records.values())
+    def records(self) -> Iterator[ChainRecord]:
+        """All chains in the file, in the order they were written (read from the file as they are used)."""
+        seen: set[tuple[str, int]] = set()
+        with open(self.path, "rb") if self.path.exists() else contextlib.nullcontext([]) as lines:
+            for raw in lines:
+                if raw.strip():
+                    record = _parse_record(raw)
+                    if record.key not in seen:
+                        seen.add(record.key)
+                        yield record
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """The step samples of every kept chain."""
-        for record in self._records.values():
+        for record in self.records():
             if record.kept:
                 yield from record.samples
 
@@ -89,34 +98,37 @@ class HarvestStore:
         except UnicodeEncodeError:  # a lone surrogate in the text: escaped as \udxxx, it reads back the same
             line = (json.dumps(fields_) + "\n").encode("ascii")
         with self._lock:
-            if record.key in self._records:
+            if record.key in self._keys:
                 return
             with open(self.path, "ab") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
-            self._records[record.key] = record
+            self._keys.add(record.key)
 
     def _load(self) -> None:
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        good_end = data.rfind(b"\n") + 1
-        # Split on b"\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that
-        # json.dumps(ensure_ascii=False) leaves unescaped inside a record. The file is left untouched when a
-        # complete line is corrupt.
-        for number, raw in enumerate(data[:good_end].split(b"\n")[:-1], start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = _parse_record(raw)
-            except (ValueError, TypeError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError included
-                raise SteperError(
-                    f"Harvest file {self.path} line {number} is corrupt ({err}); delete that line "
-                    "(its chain is redone) or the file (everything is redone)."
-                ) from None
-            self._records.setdefault(record.key, record)
-        tail = data[good_end:]
+        good_end, tail = 0, b""
+        # Binary line iteration splits on b"\n" only: str.splitlines() would also break at U+2028, U+0085 and
+        # other characters that json.dumps(ensure_ascii=False) leaves unescaped inside a record. The file is
+        # left untouched when a complete line is corrupt.
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    tail = raw
+                    break
+                good_end += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    record = _parse_record(raw)
+                except (ValueError, TypeError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError included
+                    raise SteperError(
+                        f"Harvest file {self.path} line {number} is corrupt ({err}); delete that line "
+                        "(its chain is redone) or the file (everything is redone)."
+                    ) from None
+                self._keys.add(record.key)
         if not tail:
             return
         try:
@@ -129,12 +141,12 @@ class HarvestStore:
                 f.truncate(good_end)
             else:
                 # A whole record missing only its newline (e.g. a hand-edited file): keep it, end the line.
-                f.seek(len(data))
+                f.seek(good_end + len(tail))
                 f.write(b"\n")
             f.flush()
             os.fsync(f.fileno())
         if record is not None:
-            self._records.setdefault(record.key, record)
+            self._keys.add(record.key)
 
 
 _REQUIRED = {f.name for f in fields(ChainRecord) if f.default is MISSING and f.default_factory is MISSING}

@@ -48,7 +48,7 @@ def make_tiny_model(path: Path, *, seed: int = 0, vocab_size: int = 384) -> Path
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

@@ -159,7 +159,7 @@ def test_any_text_a_teacher_writes_reads_back_unchanged(tmp_path_factory, eid, a
     chain = ChainRecord(eid, 0, True, None, 1.0, answer=answer, samples=[sample])
     HarvestStore(path).append(chain)
     assert path.read_bytes().count(b"\n") == 1
-    assert HarvestStore(path).records() == [chain]
+    assert list(HarvestStore(path).records()) == [chain]
     outcomes["loaded"] += 1
 
 
@@ -277,3 +277,31 @@ def test_planted_api_keys_reach_no_harvest_recording_or_saved_program(tmp_path, 
     for path in written:
         data = path.read_bytes()
         assert b"PLANTED" not in data and b"sk-test" not in data, f"a planted key leaked into {path.name}"
+
+
+def test_reading_a_harvest_keeps_memory_flat_as_it_grows(tmp_path):
+    """Peak memory of opening a harvest and streaming its samples, at 100 and 1000 chains of ~8 KB each."""
+    import tracemalloc
+
+    sample = {"messages": [{"role": "user", "content": "x" * 8000}], "stage": "init", "step": 0}
+
+    def peak(n: int) -> int:
+        path = tmp_path / f"h{n}.jsonl"
+        store = HarvestStore(path)
+        for i in range(n):
+            store.append(ChainRecord(f"q{i}", 0, kept=True, reason=None, score=1.0, samples=[sample]))
+        tracemalloc.start()
+        reopened = HarvestStore(path)
+        count = sum(1 for _ in reopened.samples())
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == n
+        return top, path.stat().st_size
+
+    (small, small_size), (large, large_size) = peak(100), peak(1000)
+    print(
+        f"peak memory reading 100 chains ({small_size / 1e6:.1f} MB file): {small / 1e6:.2f} MB; "
+        f"1000 chains ({large_size / 1e6:.1f} MB file): {large / 1e6:.2f} MB"
+    )
+    # Only the (example_id, rollout) keys stay in memory, never the samples: far below the file's size.
+    assert large < large_size / 10 and small < small_size / 4
