@@ -50,7 +50,6 @@ def run_benchmark(
             trainset=task.trainset,
             teacher=teacher_program(config, task, teacher, test=False),
         )
-    console.print(report.summary())
     if include_teacher:
         with timings.track("eval teacher"):
             results["teacher"] = run_eval(config, task, teacher, student=False)

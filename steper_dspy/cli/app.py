@@ -155,11 +155,9 @@ def harvest(
         threads=threads,
     )
     task = load_task(cfg)
-    report = make_teleprompter(cfg).harvest(
-        task.program(cfg, test=False), trainset=task.trainset, teacher=teacher_lm(cfg)
-    )
+    teacher = teacher_program(cfg, task, teacher_lm(cfg), test=False)
+    make_teleprompter(cfg).harvest(task.program(cfg, test=False), trainset=task.trainset, teacher=teacher)
     cfg.save(Path(cfg.output) / "config.yaml")
-    console.print(report.summary())
 
 
 @app.command()
@@ -385,7 +383,6 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
         harvest_report = teleprompter.harvest(
             task.program(cfg, test=False), trainset=task.trainset, teacher=teacher_on_train
         )
-    console.print(harvest_report.summary())
     if compare_untrained:
         with timings.track("eval untrained student"):
             results["untrained student"] = run_eval(cfg, task, make_lm(cfg.student), student=True)
