@@ -155,8 +155,9 @@ def harvest(
         threads=threads,
     )
     task = load_task(cfg)
+    student = task.program(cfg, test=False)
     teacher = teacher_program(cfg, task, teacher_lm(cfg), test=False)
-    make_teleprompter(cfg).harvest(task.program(cfg, test=False), trainset=task.trainset, teacher=teacher)
+    make_teleprompter(cfg).harvest(student, trainset=task.trainset, teacher=teacher)
     cfg.save(Path(cfg.output) / "config.yaml")
 
 
