@@ -63,8 +63,8 @@ def test_saved_program_folder_loads_back_with_the_same_model(compiled):
     loaded = load_compiled(out / "program")
     assert type(loaded) is IRCoT and loaded.k == 1 and loaded.max_steps == 5
     assert loaded.initialize.lm.model == result.initialize.lm.model
-    messages = [{"role": "user", "content": "Where was Alpha born?"}]
-    assert loaded.initialize.lm(messages=messages) == result.initialize.lm(messages=messages)
+    prompt = "Where was Alpha born?"
+    assert loaded.initialize.lm(prompt) == result.initialize.lm(prompt)
     assert not list(out.rglob("*.pkl"))
 
 
