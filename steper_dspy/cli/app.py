@@ -1,5 +1,6 @@
 """The `steper` command line: harvest, train, compile, eval and quickstart."""
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Annotated
 import typer
 
 from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.quickstart import quickstart_config
 from steper_dspy.cli.report import console, results_table, write_report
 from steper_dspy.cli.run import (
     Timings,
@@ -19,6 +21,7 @@ from steper_dspy.cli.run import (
     teacher_program,
 )
 from steper_dspy.cli.specs import make_lm
+from steper_dspy.evals.benchmark import run_benchmark
 
 app = typer.Typer(
     help="Compile multi-step retrieval-augmented reasoning programs into small local models (STEPER on DSPy).",
@@ -103,7 +106,13 @@ StepFilterOpt = Annotated[
 ThreadsOpt = Annotated[int | None, typer.Option(help="Parallel LM calls (API teachers). Example: --threads 8")]
 
 
+# The command options that are run settings (the rest, e.g. `--model` of eval, are the command's own).
+RUN_OPTIONS = {f.name for f in dataclasses.fields(RunConfig)} | {"epochs", "lr"}
+
+
 def _config(config: Path | None, **options: object) -> RunConfig:
+    """The run settings from `config` and a command's options (its `locals()`); other options are left out."""
+    options = {key: value for key, value in options.items() if key in RUN_OPTIONS}
     stages = options.pop("stages", None)
     epochs, lr = options.pop("epochs", None), options.pop("lr", None)
     cfg = RunConfig.load(config, stages=stages.split(",") if isinstance(stages, str) else None, **options)
@@ -138,22 +147,7 @@ def harvest(
 
     Example: steper harvest --teacher openai/gpt-4o-mini --data synthetic -o runs/demo --threads 8
     """
-    cfg = _config(
-        config,
-        program=program,
-        data=data,
-        train_size=train_size,
-        test_size=test_size,
-        teacher=teacher,
-        api_base=api_base,
-        recording=recording,
-        output=output,
-        metric=metric,
-        threshold=threshold,
-        rollouts=rollouts,
-        step_filter=step_filter,
-        threads=threads,
-    )
+    cfg = _config(**locals())
     task = load_task(cfg)
     student = task.program(cfg, test=False)
     teacher = teacher_program(cfg, task, teacher_lm(cfg), test=False)
@@ -175,7 +169,7 @@ def train(
 
     Example: steper train -o runs/demo --student HuggingFaceTB/SmolLM2-135M-Instruct --weighting adaptive
     """
-    cfg = _config(config, output=output, student=student, weighting=weighting, stages=stages, epochs=epochs, lr=lr)
+    cfg = _config(**locals())
     result = make_teleprompter(cfg).train()
     cfg.save(Path(cfg.output) / "config.yaml")
     console.print(
@@ -212,28 +206,7 @@ def compile_(
 
     Example: steper compile --teacher openai/gpt-4o-mini --student HuggingFaceTB/SmolLM2-135M-Instruct -o runs/demo
     """
-    cfg = _config(
-        config,
-        program=program,
-        data=data,
-        test_data=test_data,
-        train_size=train_size,
-        test_size=test_size,
-        teacher=teacher,
-        api_base=api_base,
-        recording=recording,
-        student=student,
-        output=output,
-        weighting=weighting,
-        stages=stages,
-        epochs=epochs,
-        lr=lr,
-        metric=metric,
-        threshold=threshold,
-        rollouts=rollouts,
-        step_filter=step_filter,
-        threads=threads,
-    )
+    cfg = _config(**locals())
     compile_and_report(cfg, title="steper compile", compare_untrained=False, compare_teacher=False)
 
 
@@ -243,7 +216,7 @@ def eval_(
         str,
         typer.Option(help="The LM to run the program on (same forms as --teacher). Example: --model runs/demo/model"),
     ],
-    student: Annotated[
+    as_student: Annotated[
         bool,
         typer.Option(
             "--student/--teacher-format",
@@ -263,20 +236,11 @@ def eval_(
 
     Example: steper eval --model runs/demo/model --data synthetic --test-size 30
     """
-    cfg = _config(
-        config,
-        program=program,
-        data=data,
-        test_data=test_data,
-        test_size=test_size,
-        api_base=api_base,
-        output=output,
-        threads=threads,
-    )
+    cfg = _config(**locals())
     task = load_task(cfg)
     timings = Timings()
     with timings.track("eval"):
-        report = run_eval(cfg, task, make_lm(model, api_base=cfg.api_base), student=student)
+        report = run_eval(cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
     results = {model: report}
     console.print(results_table(results))
     path = write_report(
@@ -304,17 +268,7 @@ def quickstart(
 
     Example: steper quickstart            (or --teacher openai/gpt-4o-mini for a live teacher)
     """
-    from steper_dspy.cli.quickstart import quickstart_config
-
-    cfg = quickstart_config(
-        teacher=teacher,
-        api_base=api_base,
-        output=output,
-        student=student,
-        train_size=train_size,
-        test_size=test_size,
-        epochs=epochs,
-    )
+    cfg = quickstart_config(**locals())
     compile_and_report(cfg, title="steper quickstart", compare_untrained=True, compare_teacher=True)
 
 
@@ -345,26 +299,7 @@ def benchmark(
 
     Example: steper benchmark --teacher openai/gpt-4o-mini --data 2wikimultihopqa_train500.jsonl --test-data hotpotqa_dev200.jsonl -o runs/bench
     """
-    from steper_dspy.evals.benchmark import run_benchmark
-
-    cfg = _config(
-        config,
-        program=program,
-        data=data,
-        test_data=test_data,
-        train_size=train_size,
-        test_size=test_size,
-        teacher=teacher,
-        api_base=api_base,
-        recording=recording,
-        student=student,
-        output=output,
-        epochs=epochs,
-        lr=lr,
-        metric=metric,
-        rollouts=rollouts,
-        threads=threads,
-    )
+    cfg = _config(**locals())
     run_benchmark(cfg, systems=tuple(s.strip() for s in systems.split(",")))
 
 
