@@ -93,10 +93,9 @@ class HarvestStore:
     def append(self, record: ChainRecord) -> None:
         """Write one chain durably; a chain already in the file is not written twice."""
         fields_ = asdict(record)
-        try:
-            line = (json.dumps(fields_, ensure_ascii=False) + "\n").encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate in the text: escaped as \udxxx, it reads back the same
-            line = (json.dumps(fields_) + "\n").encode("ascii")
+        # surrogatepass: lone surrogates in a teacher's text are written as they are and read back unchanged;
+        # escaping them as \udxxx would turn two adjacent ones into one combined character on reading.
+        line = (json.dumps(fields_, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
         with self._lock:
             if record.key in self._keys:
                 return
@@ -164,7 +163,7 @@ def _shown(value: Any) -> str:
 
 def _parse_record(raw: bytes) -> ChainRecord:
     """One line of the file as a ChainRecord; ValueError naming what is wrong with it."""
-    value = json.loads(raw.decode("utf-8"))
+    value = json.loads(raw.decode("utf-8", "surrogatepass"))
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {_kind(value)}, not an object")
     if missing := sorted(_REQUIRED - value.keys()):
