@@ -17,15 +17,8 @@ import time
 
 import dspy
 
-from tests.scripted import ListRetriever, ScriptedEngine
+from tests.scripted import PASSAGES, ListRetriever, ScriptedEngine
 
-PASSAGES = [
-    "Alpha | Alpha was born in Beta.",
-    "Beta | Beta is a city in Gamma.",
-    "Gamma | Gamma is a country whose capital is Delta.",
-    "Delta | Delta lies on the river Epsilon.",
-    "Filler | Nothing here.",
-]
 # (question, rationales, answer): 3, 3, 5 and 3 teacher calls per chain
 BASE = [
     ("Where was Alpha born?", ["Alpha was born in Beta."], "Beta"),

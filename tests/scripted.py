@@ -7,6 +7,15 @@ import threading
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage
 
+# A tiny corpus for scripted harvests: each passage names the next hop.
+PASSAGES = [
+    "Alpha | Alpha was born in Beta.",
+    "Beta | Beta is a city in Gamma.",
+    "Gamma | Gamma is a country whose capital is Delta.",
+    "Delta | Delta lies on the river Epsilon.",
+    "Filler | Nothing here.",
+]
+
 
 class ScriptedEngine:
     """Plays `script[question]`: a list of rationales; the chain expands until the list is used up.

@@ -5,15 +5,8 @@ import pytest
 
 from steper_dspy.compilers import GroundedStepFilter, HarvestStore, harvest, student_adapter
 from steper_dspy.programs import IRCoT
-from tests.scripted import ListRetriever, scripted_teacher
+from tests.scripted import PASSAGES, ListRetriever, scripted_teacher
 
-PASSAGES = [
-    "Alpha | Alpha was born in Beta.",
-    "Beta | Beta is a city in Gamma.",
-    "Gamma | Gamma is a country whose capital is Delta.",
-    "Delta | Delta lies on the river Epsilon.",
-    "Filler | Nothing here.",
-]
 SCRIPT = {
     "Where was Alpha born?": ["Alpha was born in Beta."],
     "Which country is Alpha's city in?": ["Alpha was born in Beta.", "Beta is a city in Gamma."],
