@@ -36,10 +36,26 @@ class HarvestReport:
     filtered_steps: dict[str, int] = field(default_factory=dict)
     new_chains: int = 0
     lm_failures: int = 0
+    failed_chains: list[tuple[str, int]] = field(default_factory=list)
 
     @classmethod
-    def from_store(cls, store: HarvestStore, *, new_chains: int = 0, lm_failures: int = 0) -> "HarvestReport":
-        report = cls(path=store.path, new_chains=new_chains, lm_failures=lm_failures)
+    def from_store(
+        cls,
+        store: HarvestStore,
+        *,
+        new_chains: int = 0,
+        lm_failures: int = 0,
+        failed_chains: Sequence[tuple[str, int]] = (),
+    ) -> "HarvestReport":
+        """The report over every chain in `store`, with the counts of the harvest that just ran.
+
+        Args:
+            store: The harvest file.
+            new_chains: Chains this harvest added.
+            lm_failures: Chains this harvest could not record because the teacher failed.
+            failed_chains: Those chains' ``(example_id, rollout)``, rollout by rollout in trainset order.
+        """
+        report = cls(path=store.path, new_chains=new_chains, lm_failures=lm_failures, failed_chains=list(failed_chains))
         dropped: Counter[str] = Counter()
         filtered: Counter[str] = Counter()
         per_stage: Counter[str] = Counter({stage.value: 0 for stage in STAGES})
@@ -67,8 +83,18 @@ class HarvestReport:
                 "steps dropped by the step filter: " + ", ".join(f"{k} {v}" for k, v in self.filtered_steps.items())
             )
         if self.lm_failures:
-            lines.append(f"{self.lm_failures} chains failed on teacher errors and will be retried by a rerun")
+            failed = f"{self.lm_failures} chains failed on teacher errors and will be retried by a rerun"
+            if self.failed_chains:
+                failed += ": " + _chain_list(self.failed_chains)
+            lines.append(failed)
         return "\n".join(lines)
+
+
+def _chain_list(chains: Sequence[tuple[str, int]], shown: int = 10) -> str:
+    """`q3, q7 (rollout 1), ...` naming the first `shown` chains, then "and N more"."""
+    names = [eid if rollout == 0 else f"{eid} (rollout {rollout})" for eid, rollout in chains[:shown]]
+    more = f" and {len(chains) - shown} more" if len(chains) > shown else ""
+    return ", ".join(names) + more
 
 
 def example_id(example: dspy.Example) -> str:
@@ -115,51 +141,63 @@ def harvest(
 
     Returns:
         The report over the whole store, old and new chains.
+
+    Raises:
+        SteperError: Another harvest is writing to the same file (the store is locked for the whole run).
     """
     adapter = adapter or dspy.ChatAdapter()
     signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
-    jobs = [
-        (example, rollout)
-        for rollout in range(rollouts)
-        for example in trainset
-        if (example_id(example), rollout) not in store
-    ]
-    teachers = {rollout: _teacher_for_rollout(teacher, rollout, rollout_temperature) for rollout in range(rollouts)}
-    stage_maps = {rollout: stage_by_predictor_id(program) for rollout, program in teachers.items()}
-    bar = tqdm(total=len(jobs), desc="harvest", unit="chain", disable=not progress, dynamic_ncols=True)
-    lock = threading.Lock()
-    counts = Counter({"kept": len([r for r in store.records() if r.kept])})
+    # Locked for the whole run, so that a second harvest into the same file fails at once.
+    with store.writing():
+        jobs = [
+            (example, rollout)
+            for rollout in range(rollouts)
+            for example in trainset
+            if (example_id(example), rollout) not in store
+        ]
+        teachers = {rollout: _teacher_for_rollout(teacher, rollout, rollout_temperature) for rollout in range(rollouts)}
+        stage_maps = {rollout: stage_by_predictor_id(program) for rollout, program in teachers.items()}
+        bar = tqdm(total=len(jobs), desc="harvest", unit="chain", disable=not progress, dynamic_ncols=True)
+        lock = threading.Lock()
+        counts = Counter({"kept": len([r for r in store.records() if r.kept])})
+        failed: list[int] = []  # indices into jobs
 
-    def run(job: tuple[dspy.Example, int]) -> None:
-        example, rollout = job
-        record = _run_chain(
-            teachers[rollout],
-            stage_maps[rollout],
-            example,
-            rollout,
-            signatures,
-            adapter,
-            metric,
-            threshold,
-            step_filter,
+        def run(index: int) -> None:
+            example, rollout = jobs[index]
+            record = _run_chain(
+                teachers[rollout],
+                stage_maps[rollout],
+                example,
+                rollout,
+                signatures,
+                adapter,
+                metric,
+                threshold,
+                step_filter,
+            )
+            if record is not None:
+                store.append(record)
+            with lock:
+                counts["lm_failures" if record is None else "kept" if record.kept else "dropped"] += 1
+                if record is None:
+                    failed.append(index)
+                bar.update()
+                bar.set_postfix(kept=counts["kept"], dropped=counts["dropped"], errors=counts["lm_failures"])
+
+        executor = ParallelExecutor(
+            num_threads=num_threads, max_errors=len(jobs) + 1, disable_progress_bar=True, timeout=10**6
         )
-        if record is not None:
-            store.append(record)
-        with lock:
-            counts["lm_failures" if record is None else "kept" if record.kept else "dropped"] += 1
-            bar.update()
-            bar.set_postfix(kept=counts["kept"], dropped=counts["dropped"], errors=counts["lm_failures"])
-
-    executor = ParallelExecutor(
-        num_threads=num_threads, max_errors=len(jobs) + 1, disable_progress_bar=True, timeout=10**6
-    )
-    try:
-        executor.execute(run, jobs)
-    finally:
-        bar.close()
-    return HarvestReport.from_store(
-        store, new_chains=len(jobs) - counts["lm_failures"], lm_failures=counts["lm_failures"]
-    )
+        try:
+            executor.execute(run, list(range(len(jobs))))
+        finally:
+            bar.close()
+        failed_chains = [(example_id(jobs[i][0]), jobs[i][1]) for i in sorted(failed)]
+        return HarvestReport.from_store(
+            store,
+            new_chains=len(jobs) - counts["lm_failures"],
+            lm_failures=counts["lm_failures"],
+            failed_chains=failed_chains,
+        )
 
 
 def _teacher_for_rollout(teacher: dspy.Module, rollout: int, temperature: float) -> dspy.Module:

@@ -11,6 +11,11 @@ from typing import Any
 
 from steper_dspy.errors import SteperError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so two writers are not detected there
+    fcntl = None
+
 
 @dataclass
 class ChainRecord:
@@ -52,6 +57,11 @@ class HarvestStore:
     (not UTF-8, not JSON, a missing or mistyped field) raises :class:`SteperError` naming the file and the
     line, and the file is left as it was.
 
+    Only one writer at a time: writing (:meth:`writing`, which :func:`harvest` holds for its whole run, or a
+    single :meth:`append`) takes an exclusive advisory lock on ``<file>.lock`` (``flock``, released by the
+    kernel even when the process is killed), and a second writer, in this process or another, gets a
+    :class:`SteperError` at once. Reading needs no lock; a reader never cuts the file while a writer holds it.
+
     Args:
         path: The JSONL file (created with its folder if missing).
 
@@ -62,10 +72,30 @@ class HarvestStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one append at a time within this process
+        self._writer_lock = threading.Lock()  # guards taking and releasing the file lock
+        self._writers = 0  # open writing() sessions of this object (threads of one harvest share the lock)
+        # The sidecar file a writer locks: it holds the writer's pid, and is removed when the writer is done.
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd: int | None = None
+        self._holder = ""  # the pid found in the lock file when another writer held it
         # Only the keys stay in memory; records are streamed from the file, so memory stays flat as it grows.
         self._keys: set[tuple[str, int]] = set()
-        self._load()
+        # How far the keys have been read: the file's identity, the end of its last complete line, its lines.
+        self._file_id: tuple[int, int] | None = None
+        self._end = 0
+        self._lines = 0
+        try:
+            locked = self._lock_file()
+        except OSError:  # e.g. a read-only folder: the file can still be read
+            locked = False
+        try:
+            # Cutting a torn tail is safe only under the lock: without it, the tail may be a line another
+            # harvest is writing right now.
+            self._catch_up(repair=locked)
+        finally:
+            if locked:
+                self._unlock_file()
 
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._keys
@@ -73,11 +103,45 @@ class HarvestStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator["HarvestStore"]:
+        """Hold the file's writer lock for a block of appends (re-entrant; the threads of one harvest share it).
+
+        On entry the store first reads any chains another process wrote since it was opened, so that they
+        are not written again.
+
+        Yields:
+            This store.
+
+        Raises:
+            SteperError: Another harvest (another process, or another `HarvestStore` of this file) is writing.
+        """
+        with self._writer_lock:
+            if self._writers == 0:
+                if not self._lock_file():
+                    raise SteperError(self._busy_message())
+                try:
+                    with self._lock:
+                        self._catch_up(repair=True)
+                except BaseException:
+                    self._unlock_file()
+                    raise
+            self._writers += 1
+        try:
+            yield self
+        finally:
+            with self._writer_lock:
+                self._writers -= 1
+                if self._writers == 0:
+                    self._unlock_file()
+
     def records(self) -> Iterator[ChainRecord]:
         """All chains in the file, in the order they were written (read from the file as they are used)."""
         seen: set[tuple[str, int]] = set()
         with open(self.path, "rb") if self.path.exists() else contextlib.nullcontext([]) as lines:
             for raw in lines:
+                if not raw.endswith(b"\n"):
+                    break  # a line another harvest is still writing
                 if raw.strip():
                     record = _parse_record(raw)
                     if record.key not in seen:
@@ -91,44 +155,70 @@ class HarvestStore:
                 yield from record.samples
 
     def append(self, record: ChainRecord) -> None:
-        """Write one chain durably; a chain already in the file is not written twice."""
+        """Write one chain durably; a chain already in the file is not written twice.
+
+        Raises:
+            SteperError: Another harvest is writing to the file (see :meth:`writing`).
+        """
         fields_ = asdict(record)
         # surrogatepass: lone surrogates in a teacher's text are written as they are and read back unchanged;
         # escaping them as \udxxx would turn two adjacent ones into one combined character on reading.
         line = (json.dumps(fields_, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-        with self._lock:
+        with self.writing(), self._lock:
+            self._catch_up(repair=True)  # one stat when nothing changed; cuts what a failed write left
             if record.key in self._keys:
                 return
             with open(self.path, "ab") as f:
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
+            if self._file_id is None:  # this append created the file
+                self._file_id = _file_id(self.path)
+            self._end += len(line)
+            self._lines += 1
             self._keys.add(record.key)
 
-    def _load(self) -> None:
-        if not self.path.exists():
+    def _catch_up(self, *, repair: bool) -> None:
+        """Read the keys of the lines written since the last read (all of them if the file was replaced).
+
+        With `repair`, a torn last line is cut off, and a whole last record missing its newline gets one.
+        """
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            stat = None
+        file_id = (stat.st_dev, stat.st_ino) if stat else None
+        if file_id != self._file_id or (stat and stat.st_size < self._end):
+            self._keys.clear()
+            self._file_id, self._end, self._lines = file_id, 0, 0
+        if stat is None or stat.st_size == self._end:
             return
-        good_end, tail = 0, b""
+        keys: list[tuple[str, int]] = []
+        end, lines, tail = self._end, self._lines, b""
         # Binary line iteration splits on b"\n" only: str.splitlines() would also break at U+2028, U+0085 and
         # other characters that json.dumps(ensure_ascii=False) leaves unescaped inside a record. The file is
         # left untouched when a complete line is corrupt.
         with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
+            f.seek(end)
+            for raw in f:
                 if not raw.endswith(b"\n"):
                     tail = raw
                     break
-                good_end += len(raw)
+                lines += 1
+                end += len(raw)
                 if not raw.strip():
                     continue
                 try:
                     record = _parse_record(raw)
                 except (ValueError, TypeError, RecursionError) as err:  # UnicodeDecodeError, JSONDecodeError included
                     raise SteperError(
-                        f"Harvest file {self.path} line {number} is corrupt ({err}); delete that line "
+                        f"Harvest file {self.path} line {lines} is corrupt ({err}); delete that line "
                         "(its chain is redone) or the file (everything is redone)."
                     ) from None
-                self._keys.add(record.key)
-        if not tail:
+                keys.append(record.key)
+        self._keys.update(keys)
+        self._end, self._lines = end, lines
+        if not tail or not repair:
             return
         try:
             record = _parse_record(tail) if tail.strip() else None
@@ -137,15 +227,73 @@ class HarvestStore:
         with open(self.path, "r+b") as f:
             if record is None:
                 # The last write was cut short by a crash: drop the partial line so its chain is redone.
-                f.truncate(good_end)
+                f.truncate(end)
             else:
                 # A whole record missing only its newline (e.g. a hand-edited file): keep it, end the line.
-                f.seek(good_end + len(tail))
+                f.seek(end + len(tail))
                 f.write(b"\n")
             f.flush()
             os.fsync(f.fileno())
         if record is not None:
             self._keys.add(record.key)
+            self._end, self._lines = end + len(tail) + 1, lines + 1
+
+    def _lock_file(self) -> bool:
+        """Take the exclusive lock on the sidecar file without waiting; False if another writer holds it."""
+        if fcntl is None:
+            return True
+        while True:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                return False
+            # The previous holder removes the file when done; if it did so between our open and our lock, we
+            # hold a lock on a removed file, which nobody else sees: try again with the current one.
+            if _file_id(self._lock_path) == _fd_id(fd):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return True
+
+    def _unlock_file(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        # Removed while still locked, so that no other writer can be holding a lock on it by then.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock_path)
+        os.close(fd)
+
+    def _busy_message(self) -> str:
+        holder = self._holder
+        if holder == str(os.getpid()):
+            who = "another HarvestStore of this process"
+        elif holder.isdigit():
+            who = f"another harvest (pid {holder})"
+        else:
+            who = "another harvest"
+        return (
+            f"Harvest file {self.path} is locked: {who} is writing to it. Wait for it to finish, or harvest "
+            "into another file."
+        )
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _fd_id(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return (stat.st_dev, stat.st_ino)
 
 
 _REQUIRED = {f.name for f in fields(ChainRecord) if f.default is MISSING and f.default_factory is MISSING}

@@ -64,7 +64,8 @@ def evaluate_program(
     """Run `program` on every question once and score its answers.
 
     The run goes through `dspy.Evaluate` (metric: answer F1) with room for every question to fail: errors are
-    scored 0 and counted, never a reason to cancel the run.
+    scored 0 and counted, never a reason to cancel the run. Each prediction is scored into its result row as soon
+    as it is made and then let go, so memory does not grow with the passages and traces of answered questions.
 
     Args:
         program: A module called as `program(question=...)`, returning a prediction with `answer` and optionally
@@ -85,7 +86,7 @@ def evaluate_program(
         raise SteperError("The devset is empty: pass at least one question to evaluate.")
     evaluator = dspy.Evaluate(
         devset=devset,
-        metric=answer_f1,
+        metric=_score,
         num_threads=num_threads,
         display_progress=display_progress,
         # Evaluate cancels once errors reach max_errors; one more than the devset size means never.
@@ -94,8 +95,44 @@ def evaluate_program(
         provide_traceback=False,
     )
     with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext(), _quiet_failures():
-        result = evaluator(program)
-    return build_report([(example, prediction) for example, prediction, _ in result.results])
+        result = evaluator(_Scoring(program))
+    return _report([_row(example, scored) for example, scored, _ in result.results])
+
+
+class _Scored:
+    """One question's prediction until the metric has scored it, then only its result row."""
+
+    __slots__ = ("prediction", "row")
+
+    def __init__(self, prediction: Any) -> None:
+        self.prediction: Any = prediction
+        self.row: dict | None = None
+
+
+class _Scoring:
+    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`."""
+
+    def __init__(self, program: dspy.Module) -> None:
+        self.program = program
+
+    def __call__(self, **inputs: Any) -> _Scored:
+        return _Scored(self.program(**inputs))
+
+
+def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:
+    """The answer F1, as `dspy.Evaluate`'s metric; it keeps the result row and drops the prediction, which
+    `dspy.Evaluate` would otherwise hold (passages, rationales and all) until every question is answered."""
+    if not isinstance(scored, _Scored):
+        return answer_f1(example, scored)
+    scored.row = _score_row(example, scored.prediction)
+    scored.prediction = None
+    return scored.row["f1"]
+
+
+def _row(example: dspy.Example, scored: Any) -> dict:
+    if not isinstance(scored, _Scored):  # a failed question: dspy.Evaluate put an empty prediction in its place
+        return _score_row(example, scored)
+    return scored.row if scored.row is not None else _score_row(example, scored.prediction)
 
 
 @contextlib.contextmanager
@@ -113,7 +150,10 @@ def _quiet_failures() -> Iterator[None]:
 
 def build_report(results: Iterable[tuple[dspy.Example, Any]]) -> EvaluationReport:
     """Score `(example, prediction)` pairs into a report (a prediction of `None` counts as a failure)."""
-    rows = [_score_row(example, prediction) for example, prediction in results]
+    return _report([_score_row(example, prediction) for example, prediction in results])
+
+
+def _report(rows: list[dict]) -> EvaluationReport:
     steps = [row["steps"] for row in rows if row["steps"] is not None]
     recalls = [row["recall"] for row in rows if row["recall"] is not None]
     totals = _aggregate(rows)

@@ -127,3 +127,48 @@ def test_examples_without_gold_titles_or_groups():
 def test_empty_devset_is_a_user_error():
     with pytest.raises(SteperError, match="devset is empty"):
         evaluate_program(DictProgram(ANSWERS), [], display_progress=False)
+
+
+class PassagesProgram(dspy.Module):
+    """Answers question i with "answer i" and, like a multi-hop RAG program, 8 new passages (~0.5 KB each) and
+    3 rationales: about 6 KB of prediction per question."""
+
+    def forward(self, question):
+        i = question.split()[1]
+        passages = [f"Title {i}-{j} | " + f"Passage {j} about question {i}. " * 16 for j in range(8)]
+        return dspy.Prediction(answer=f"answer {i}", passages=passages, rationales=[f"Step {i}. " * 30] * 3, steps=3)
+
+
+def test_evaluation_memory_grows_by_a_result_row_per_question_not_a_prediction():
+    import gc
+    import logging
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        devset = [
+            dspy.Example(
+                id=f"q{i}", question=f"question {i} ?", answer=f"answer {i}", supporting_titles=[f"Title {i}-0"]
+            ).with_inputs("question")
+            for i in range(n)
+        ]
+        gc.collect()
+        tracemalloc.start()
+        report = evaluate_program(PassagesProgram(), devset, display_progress=False)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert (report.em, report.recall, report.failures, len(report.rows)) == (100.0, 100.0, 0, n)
+        return top
+
+    logging.getLogger("dspy.evaluate.evaluate").disabled = True  # its "Average Metric" line
+    try:
+        peak(10)  # warm up (first-call caches)
+        small, large = peak(200), peak(2000)
+    finally:
+        logging.getLogger("dspy.evaluate.evaluate").disabled = False
+    per_question = (large - small) / 1800
+    print(
+        f"\nevaluation peak memory: 200 questions {small / 1e6:.2f} MB, 2000 questions {large / 1e6:.2f} MB "
+        f"({per_question:.0f} B per question; each prediction holds ~6 KB)"
+    )
+    # A result row (a dict of 12 small fields) is about 0.8 KB; keeping each prediction would add ~6 KB more.
+    assert per_question < 2000

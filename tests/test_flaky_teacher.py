@@ -12,7 +12,7 @@ from dspy.clients import execution
 from dspy.lm15 import InvalidRequestError, RateLimitError, ServerError, TransportError
 from dspy.lm15 import TimeoutError as LMTimeoutError
 
-from steper_dspy.compilers import HarvestStore, harvest
+from steper_dspy.compilers import HarvestReport, HarvestStore, harvest
 from steper_dspy.programs import IRCoT
 from tests.harvest_driver import PASSAGES, exact, questions, script
 from tests.scripted import ListRetriever, ScriptedEngine
@@ -138,7 +138,12 @@ def test_permanent_failures_are_reported_and_a_rerun_fills_exactly_the_missing_c
     assert set(broken.raised) == {"ServerError", "InvalidRequestError"}
     assert report.chains == report.new_chains == 12 - len(failed)
     assert {r.example_id for r in HarvestStore(path).records()} == set(IDS.values()) - failed
-    assert f"{len(failed)} chains failed on teacher errors and will be retried by a rerun" in report.summary()
+    in_order = sorted(failed, key=lambda eid: int(eid[1:]))
+    assert report.failed_chains == [(eid, 0) for eid in in_order]
+    assert (
+        f"{len(failed)} chains failed on teacher errors and will be retried by a rerun: {', '.join(in_order)}"
+        in report.summary().splitlines()
+    )
     for eid in failed:  # the log names each failed chain
         assert f"teacher failed on {eid}" in caplog.text
 
@@ -146,9 +151,12 @@ def test_permanent_failures_are_reported_and_a_rerun_fills_exactly_the_missing_c
     rerun = run(path, healthy)
     assert {IDS[q] for q in healthy.asked} == failed  # only the missing chains are asked again
     assert (rerun.new_chains, rerun.lm_failures, rerun.chains) == (len(failed), 0, 12)
-    assert "failed on teacher errors" not in rerun.summary()
+    assert "failed on teacher errors" not in rerun.summary() and rerun.failed_chains == []
     assert sorted(path.read_text().splitlines()) == reference
-    print(f"\npermanent: {dict(broken.raised)} -> {len(failed)} of 12 chains failed, rerun redid exactly those")
+    print(
+        f"\npermanent: {dict(broken.raised)} -> {len(failed)} of 12 chains failed ({', '.join(in_order)}, named in "
+        "the summary), rerun redid exactly those"
+    )
 
 
 GARBAGE = [
@@ -191,3 +199,14 @@ def test_unparseable_replies_are_dropped_as_parse_errors_never_fatal(tmp_path, r
 
     again = GarbageEngine(RATIONALES, ANSWERS, replies=replies)
     assert run(path, again).new_chains == 0 and again.calls == 0  # recorded as dropped: not asked again
+
+
+def test_the_summary_names_the_first_ten_failed_chains_and_counts_the_rest(tmp_path):
+    failed = [(f"q{i}", 0) for i in range(12)] + [("q3", 1)]
+    report = HarvestReport(path=tmp_path / "h.jsonl", lm_failures=13, failed_chains=failed)
+    assert report.summary().splitlines()[-1] == (
+        "13 chains failed on teacher errors and will be retried by a rerun: "
+        "q0, q1, q2, q3, q4, q5, q6, q7, q8, q9 and 3 more"
+    )
+    report = HarvestReport(path=tmp_path / "h.jsonl", lm_failures=2, failed_chains=[("q4", 0), ("q4", 2)])
+    assert report.summary().endswith("retried by a rerun: q4, q4 (rollout 2)")

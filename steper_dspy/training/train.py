@@ -201,6 +201,7 @@ def _prepare_output_dir(output_dir: Path, run: dict[str, Any], resume: bool) -> 
         shutil.rmtree(checkpoints, ignore_errors=True)
         (output_dir / LOG_FILE).unlink(missing_ok=True)
     else:
+        _remove_checkpoints_after(checkpoints, _checkpoint_step(checkpoint))
         trim_log(output_dir / LOG_FILE, _checkpoint_step(checkpoint))
     (output_dir / RESULT_FILE).unlink(missing_ok=True)
     _write_json(checkpoints / RUN_FILE, resume_key)
@@ -209,6 +210,15 @@ def _prepare_output_dir(output_dir: Path, run: dict[str, Any], resume: bool) -> 
 
 def _checkpoint_step(checkpoint: str) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[1])
+
+
+def _remove_checkpoints_after(checkpoints: Path, step: int) -> None:
+    """Remove the checkpoints after `step`, the last complete one: a run killed while writing them left them
+    incomplete, and the resumed run writes those steps again."""
+    for path in checkpoints.glob("checkpoint-*"):
+        number = path.name.removeprefix("checkpoint-")
+        if number.isdigit() and int(number) > step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _prepare_model(model: Any, config: TrainingConfig) -> Any:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import TrainOutput
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.chat import IGNORE_INDEX
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.bin"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class _AlreadyFinished(Exception):
+    """The run was resumed from a checkpoint of its last step: there is nothing left to train."""
 
 
 class StageTrainer(Trainer):
@@ -114,6 +119,10 @@ class StageTrainer(Trainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         """The Trainer's step; across processes, averages the log-variance gradients as DDP does the model's."""
+        if self.state.global_step >= self.state.max_steps:
+            # Resumed from the checkpoint of the run's last step, the Trainer's loop would take one step past
+            # max_steps (it checks for the end only after a step) unless the last step closed an epoch.
+            raise _AlreadyFinished
         loss = super().training_step(model, inputs, num_items_in_batch)
         log_vars = self.stage_weighting.log_vars
         if self.accelerator.num_processes > 1 and log_vars.grad is not None:
@@ -151,7 +160,12 @@ class StageTrainer(Trainer):
                     resume_from_checkpoint,
                     WEIGHTING_FILE,
                 )
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except _AlreadyFinished:
+            # The checkpoint's weights, optimizer and state are loaded: the model is the finished one.
+            self.is_in_train = False
+            return TrainOutput(self.state.global_step, 0.0, {})
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`; a checkpoint (internal call) also gets the stage weighting, before its
@@ -203,16 +217,28 @@ class StageProgressCallback(ProgressCallback):
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
-    """The latest complete checkpoint (one with its trainer state written) in `folder`, or None."""
+    """The latest complete checkpoint in `folder`, or None.
+
+    The Trainer writes a checkpoint's trainer state last, so a checkpoint is complete once that file holds its
+    step. A run killed while writing a checkpoint leaves it without that file, or with a torn one: such a
+    checkpoint is passed over for the one before it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    steps = [
-        (int(m.group(1)), p)
-        for p in folder.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and (p / TRAINER_STATE).is_file()
-    ]
-    return os.fspath(max(steps)[1]) if steps else None
+    steps = sorted(((int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for step, path in steps:
+        if _saved_step(path) == step:
+            return os.fspath(path)
+    return None
+
+
+def _saved_step(checkpoint: Path) -> int | None:
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, torn (JSONDecodeError) or not UTF-8
+        return None
+    return state.get("global_step") if isinstance(state, dict) else None
 
 
 def trim_log(path: str | Path, max_step: int) -> None:
@@ -227,7 +253,10 @@ def trim_log(path: str | Path, max_step: int) -> None:
                 kept.append(line)
         except ValueError:
             continue  # a line cut short by the interruption
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    # Replaced in one step, so that a run killed right here keeps the old log rather than half of it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
