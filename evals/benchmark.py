@@ -1,82 +1,101 @@
 """The paper's comparison: teacher, untrained student, Vanilla-KD, uniform step-wise KD and STEPER, all
-students trained on the same harvested chains and evaluated on the same held-out questions."""
+students trained on the same harvested chains and evaluated on the same held-out questions, plus the paper's
+ablations (which stages' data, which weighting)."""
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from steper_dspy.cli.config import RunConfig
-from steper_dspy.cli.report import console, results_table, write_report
-from steper_dspy.cli.run import Timings, load_task, make_teleprompter, run_eval, teacher_lm, teacher_program
+from steper_dspy.cli.report import Results, console, print_results, write_report
+from steper_dspy.cli.run import Timings, load_task, make_teleprompter, run_evals, teacher_lm, teacher_program
 from steper_dspy.cli.specs import make_lm
-from steper_dspy.evals.evaluate import EvaluationReport
+from steper_dspy.errors import SteperError
+
+ALL_STAGES = ("init", "expand", "aggregate")
 
 
 @dataclass(frozen=True)
 class System:
-    """A student system: how its training data and loss are chosen."""
+    """A student system: which stages' samples it trains on and how their losses are weighted."""
 
     name: str
     weighting: str
     stages: tuple[str, ...]
+    stage_weights: dict[str, float] = field(default_factory=dict)
 
 
 SYSTEMS = {
     "vanilla-kd": System("Vanilla-KD", "uniform", ("aggregate",)),
-    "stepwise-kd": System("step-wise KD (uniform)", "uniform", ("init", "expand", "aggregate")),
-    "steper": System("STEPER", "adaptive", ("init", "expand", "aggregate")),
+    "stepwise-kd": System("step-wise KD (uniform)", "uniform", ALL_STAGES),
+    "steper": System("STEPER", "adaptive", ALL_STAGES),
+    # Ablations: the data of which stages (adaptive weighting) ...
+    "steper-agg-init": System("STEPER: aggregate + init data", "adaptive", ("init", "aggregate")),
+    "steper-agg-expand": System("STEPER: aggregate + expand data", "adaptive", ("expand", "aggregate")),
+    # ... and which weighting on all stages (uniform is stepwise-kd).
+    "fixed": System("step-wise KD (fixed 1:1:1 per stage)", "fixed", ALL_STAGES, {s: 1.0 for s in ALL_STAGES}),
 }
+MAIN_SYSTEMS = ("vanilla-kd", "stepwise-kd", "steper")
+ABLATIONS = ("steper-agg-init", "steper-agg-expand", "fixed")
 
 
 def run_benchmark(
     config: RunConfig,
     *,
-    systems: tuple[str, ...] = ("vanilla-kd", "stepwise-kd", "steper"),
+    systems: tuple[str, ...] = MAIN_SYSTEMS,
     include_teacher: bool = True,
     include_untrained: bool = True,
-) -> dict[str, EvaluationReport]:
-    """Harvest once into ``<output>/harvest.jsonl``, train each system into ``<output>/<system>``, evaluate all.
+) -> Results:
+    """Harvest once into ``<output>/harvest.jsonl``, train each system into ``<output>/<system>``, evaluate
+    every system on every test set of the run.
 
-    Writes ``results.json``, ``predictions.jsonl`` (one row per system and question), ``report.md`` and plots.
+    A rerun reuses the harvest, every finished training run and the teacher recording, so only what is
+    missing is computed. Writes ``results.json``, ``predictions.jsonl`` (one row per test set, system and
+    question), ``report.md`` and plots.
+
+    Raises:
+        SteperError: An unknown system name.
     """
+    unknown = [key for key in systems if key not in SYSTEMS]
+    if unknown:
+        raise SteperError(f"Unknown system(s) {unknown}: choose from {sorted(SYSTEMS)}.")
     out = Path(config.output)
     config.save(out / "config.yaml")
-    timings, results = Timings(), {}
+    timings = Timings()
     task = load_task(config)
+    results: Results = {t.name: {} for t in task.testsets}
+
+    def evaluate(system: str, lm: Any, *, student: bool) -> None:
+        with timings.track(f"eval {system}"):
+            for name, report in run_evals(config, task, lm, student=student).items():
+                results[name][system] = report
+
     teacher = teacher_lm(config)
     with timings.track("harvest"):
-        report = make_teleprompter(config).harvest(
-            task.program(config, test=False),
-            trainset=task.trainset,
-            teacher=teacher_program(config, task, teacher, test=False),
+        harvest = make_teleprompter(config).harvest(
+            task.program(config), trainset=task.trainset, teacher=teacher_program(config, task, teacher)
         )
     if include_teacher:
-        with timings.track("eval teacher"):
-            results["teacher"] = run_eval(config, task, teacher, student=False)
+        evaluate("teacher", teacher, student=False)
     if include_untrained:
-        with timings.track("eval untrained student"):
-            results["untrained student"] = run_eval(config, task, make_lm(config.student), student=True)
+        evaluate("untrained student", make_lm(config.student), student=True)
     logs = {}
     for key in systems:
         system = SYSTEMS[key]
-        system_config = RunConfig(**{**config.__dict__, "weighting": system.weighting, "stages": list(system.stages)})
         with timings.track(f"train {key}"):
-            training = make_teleprompter(system_config, output=out / key).train()
+            training = make_teleprompter(system_config(config, system), output=out / key).train()
         logs[key] = training.log_path
-        with timings.track(f"eval {key}"):
-            results[system.name] = run_eval(config, task, make_lm(str(training.output_dir)), student=True)
-    console.print(results_table(results))
-    with open(out / "predictions.jsonl", "w") as f:
-        for name, r in results.items():
-            for row in r.rows:
-                f.write(json.dumps({"system": name, **row}, default=str) + "\n")
+        evaluate(system.name, make_lm(str(training.output_dir)), student=True)
+    print_results(results)
+    write_predictions(results, out / "predictions.jsonl")
     details = {
+        "program": config.program,
         "data": config.data,
-        "test data": config.test_data or "held-out part of the data",
         "teacher": config.teacher or f"recording {config.recording}",
         "student": config.student,
         "train questions": str(len(task.trainset)),
-        "test questions": str(len(task.testset)),
+        "test sets": ", ".join(f"{t.name} ({len(t.examples)} questions)" for t in task.testsets),
     }
     path = write_report(
         out,
@@ -84,8 +103,25 @@ def run_benchmark(
         title="STEPER benchmark",
         details=details,
         timings=timings.seconds,
-        harvest_summary=report.summary(),
+        harvest_summary=harvest.summary(),
         training_log=logs.get("steper"),
     )
     console.print(f"report: {path}")
     return results
+
+
+def system_config(config: RunConfig, system: System) -> RunConfig:
+    """The run's settings with the system's weighting, stages and stage weights."""
+    training = {**config.training, "stage_weights": system.stage_weights or None}
+    return RunConfig(
+        **{**config.__dict__, "weighting": system.weighting, "stages": list(system.stages), "training": training}
+    )
+
+
+def write_predictions(results: Results, path: Path) -> None:
+    """One JSON line per test set, system and question, for inspection."""
+    with open(path, "w") as f:
+        for test_set, by_system in results.items():
+            for system, report in by_system.items():
+                for row in report.rows:
+                    f.write(json.dumps({"test_set": test_set, "system": system, **row}, default=str) + "\n")

@@ -2,6 +2,8 @@
 
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,8 @@ class EvaluationReport:
         by_hops: The same per `example.hops`.
         rows: One dict a question: `id`, `question`, `gold`, `predicted`, `em`, `f1`, `accuracy`, `steps`, `type`,
             `hops`, `recall`, `failed`.
+        seconds: Wall time of the evaluation.
+        completion_tokens: Tokens the LMs generated during the evaluation (as their responses report them).
     """
 
     em: float
@@ -39,9 +43,12 @@ class EvaluationReport:
     by_type: dict[str, dict[str, float]] = field(default_factory=dict)
     by_hops: dict[int, dict[str, float]] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    completion_tokens: int = 0
 
     def summary(self) -> dict[str, float | None]:
-        """The headline numbers as one flat dict: em, f1, accuracy, failures, avg_steps, recall, n."""
+        """The headline numbers as one flat dict: em, f1, accuracy, failures, avg_steps, recall, n, seconds per
+        question and generated tokens per second of evaluation wall time."""
         return {
             "em": self.em,
             "f1": self.f1,
@@ -50,6 +57,8 @@ class EvaluationReport:
             "avg_steps": self.avg_steps,
             "recall": self.recall,
             "n": len(self.rows),
+            "s/question": self.seconds / len(self.rows) if self.rows else None,
+            "tokens/s": self.completion_tokens / self.seconds if self.seconds else None,
         }
 
 
@@ -94,9 +103,12 @@ def evaluate_program(
         failure_score=0.0,
         provide_traceback=False,
     )
+    scoring, start = _Scoring(program), time.perf_counter()
     with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext(), _quiet_failures():
-        result = evaluator(_Scoring(program))
-    return _report([_row(example, scored) for example, scored, _ in result.results])
+        result = evaluator(scoring)
+    report = _report([_row(example, scored) for example, scored, _ in result.results])
+    report.seconds, report.completion_tokens = time.perf_counter() - start, scoring.completion_tokens
+    return report
 
 
 class _Scored:
@@ -110,13 +122,22 @@ class _Scored:
 
 
 class _Scoring:
-    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`."""
+    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`, and counts the tokens the LMs
+    generated, failed calls included (each worker thread gets its own usage tracker, so count per call)."""
 
     def __init__(self, program: dspy.Module) -> None:
         self.program = program
+        self.completion_tokens = 0
+        self._lock = threading.Lock()
 
     def __call__(self, **inputs: Any) -> _Scored:
-        return _Scored(self.program(**inputs))
+        with dspy.track_usage() as usage:
+            try:
+                return _Scored(self.program(**inputs))
+            finally:
+                tokens = sum(u.get("completion_tokens") or 0 for u in usage.get_total_tokens().values())
+                with self._lock:
+                    self.completion_tokens += tokens
 
 
 def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:

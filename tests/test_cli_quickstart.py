@@ -20,7 +20,7 @@ def test_quickstart_runs_end_to_end_and_writes_its_report(tiny_model_dir, tmp_pa
         assert system in result.output
     for name in ("report.md", "results.json", "accuracy.png", "training.png", "config.yaml", "harvest.jsonl"):
         assert (out / name).exists(), name
-    results = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / "results.json").read_text())["results"]["synthetic (held out)"]
     assert results["teacher"]["failures"] == 0 and results["teacher"]["n"] == 16
     assert (out / "program" / "steper_program.json").exists()
     assert (out / "model" / "steper_training.json").exists()

@@ -82,9 +82,9 @@ def test_scores_steps_recall_and_groups():
         "type": "bridge",
         "hops": 2,
     }
-    assert report.summary() == pytest.approx(
-        {"em": 25.0, "f1": report.f1, "accuracy": 50.0, "failures": 0, "avg_steps": 3.5, "recall": 62.5, "n": 4}
-    )
+    headline = {"em": 25.0, "f1": report.f1, "accuracy": 50.0, "failures": 0, "avg_steps": 3.5, "recall": 62.5, "n": 4}
+    assert {key: report.summary()[key] for key in headline} == pytest.approx(headline)
+    assert report.summary()["tokens/s"] == 0.0  # no LM was called
 
 
 @pytest.mark.parametrize("num_threads", [1, 3])
@@ -172,3 +172,20 @@ def test_evaluation_memory_grows_by_a_result_row_per_question_not_a_prediction()
     )
     # A result row (a dict of 12 small fields) is about 0.8 KB; keeping each prediction would add ~6 KB more.
     assert per_question < 2000
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_wall_time_and_generated_tokens_are_reported(tiny_model_dir, num_threads):
+    from steper_dspy.lm import local_lm
+
+    lm = local_lm(str(tiny_model_dir), max_tokens=6, cache=False)  # a cached reply reports no tokens
+    program = dspy.Predict("question -> answer")
+    program.set_lm(lm)
+    report = evaluate_program(program, DEVSET, num_threads=num_threads, display_progress=False)
+    # The random model never writes the field markers, so every answer fails to parse, yet each question
+    # still generated at least one 6-token reply that the report counts.
+    assert report.failures == len(DEVSET)
+    assert report.completion_tokens >= 6 * len(DEVSET)
+    summary = report.summary()
+    assert report.seconds > 0 and summary["s/question"] == pytest.approx(report.seconds / len(DEVSET))
+    assert summary["tokens/s"] == pytest.approx(report.completion_tokens / report.seconds)

@@ -26,8 +26,8 @@ def test_recording_replays_the_whole_harvest_and_teacher_eval(quickstart, tmp_pa
     teacher = teacher_lm(config)  # replay only: no live teacher is given
     assert teacher.model.startswith("steper-replay/")
     report = harvest(
-        task.program(config, test=False),
-        teacher_program(config, task, teacher, test=False),
+        task.program(config),
+        teacher_program(config, task, teacher),
         task.trainset,
         HarvestStore(tmp_path / "harvest.jsonl"),
         metric=METRICS[config.metric],
@@ -36,15 +36,15 @@ def test_recording_replays_the_whole_harvest_and_teacher_eval(quickstart, tmp_pa
     )
     assert report.lm_failures == 0, "a request missing from the recording would be a teacher failure"
     assert report.chains == len(task.trainset) and report.kept > 0
-    program = teacher_program(config, task, teacher, test=True)
-    for example in task.testset:
+    program = teacher_program(config, task, teacher, task.testsets[0])
+    for example in task.testsets[0].examples:
         program(question=example.question)  # raises SteperError on a request that was not recorded
 
 
 def test_a_changed_prompt_is_caught_with_the_fix_named(quickstart):
     config, task = quickstart
-    program = teacher_program(config, task, teacher_lm(config), test=True)
+    program = teacher_program(config, task, teacher_lm(config), task.testsets[0])
     program.initialize.signature = program.initialize.signature.with_instructions("A changed instruction.")
     adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
     with pytest.raises(SteperError, match="not recorded"), dspy.context(adapter=adapter):
-        program(question=task.testset[0].question)
+        program(question=task.testsets[0].examples[0].question)

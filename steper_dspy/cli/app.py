@@ -6,22 +6,24 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import dspy
 import typer
 
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.quickstart import quickstart_config
-from steper_dspy.cli.report import console, results_table, write_report
+from steper_dspy.cli.report import console, print_results, write_report
 from steper_dspy.cli.run import (
     Timings,
     load_task,
     make_teleprompter,
-    run_eval,
+    run_evals,
     save_student_program,
     teacher_lm,
     teacher_program,
 )
 from steper_dspy.cli.specs import make_lm
-from steper_dspy.evals.benchmark import run_benchmark
+from steper_dspy.cli.speed import speed_app
+from steper_dspy.evals.benchmark import ABLATIONS, MAIN_SYSTEMS, run_benchmark
 
 app = typer.Typer(
     help="Compile multi-step retrieval-augmented reasoning programs into small local models (STEPER on DSPy).",
@@ -29,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(speed_app, name="speed")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -51,9 +54,9 @@ DataOpt = Annotated[
     ),
 ]
 TestDataOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
-        help="Evaluate on this dataset (over its own corpus) instead of held-out questions of --data. Example: --test-data hotpotqa_dev200.jsonl"
+        help="Evaluate on this dataset (over its own corpus) instead of held-out questions of --data; repeat for several. Example: --test-data 2wikimultihopqa_dev164.jsonl --test-data hotpotqa_dev200.jsonl"
     ),
 ]
 TrainSizeOpt = Annotated[
@@ -149,8 +152,8 @@ def harvest(
     """
     cfg = _config(**locals())
     task = load_task(cfg)
-    student = task.program(cfg, test=False)
-    teacher = teacher_program(cfg, task, teacher_lm(cfg), test=False)
+    student = task.program(cfg)
+    teacher = teacher_program(cfg, task, teacher_lm(cfg))
     make_teleprompter(cfg).harvest(student, trainset=task.trainset, teacher=teacher)
     cfg.save(Path(cfg.output) / "config.yaml")
 
@@ -240,9 +243,9 @@ def eval_(
     task = load_task(cfg)
     timings = Timings()
     with timings.track("eval"):
-        report = run_eval(cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
-    results = {model: report}
-    console.print(results_table(results))
+        reports = run_evals(cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
+    results = {name: {model: report} for name, report in reports.items()}
+    print_results(results)
     path = write_report(
         Path(cfg.output),
         results,
@@ -291,16 +294,27 @@ def benchmark(
     rollouts: RolloutsOpt = None,
     threads: ThreadsOpt = None,
     systems: Annotated[
-        str, typer.Option(help="Comma-separated student systems: vanilla-kd, stepwise-kd, steper.")
-    ] = "vanilla-kd,stepwise-kd,steper",
+        str,
+        typer.Option(
+            help="Comma-separated student systems: vanilla-kd, stepwise-kd, steper, and the ablations "
+            "steper-agg-init, steper-agg-expand (which stages' data), fixed (weighting). Example: --systems steper,vanilla-kd"
+        ),
+    ] = ",".join(MAIN_SYSTEMS),
+    ablations: Annotated[
+        bool, typer.Option("--ablations", help="Add the paper's ablations to --systems (stage data and weighting).")
+    ] = False,
 ) -> None:
     """The paper's comparison: teacher, untrained student, Vanilla-KD, step-wise KD and STEPER on the same
     harvested chains and held-out questions; writes results.json, predictions.jsonl, report.md and plots.
+    A rerun reuses the harvest and every finished training run.
 
-    Example: steper benchmark --teacher openai/gpt-4o-mini --data 2wikimultihopqa_train500.jsonl --test-data hotpotqa_dev200.jsonl -o runs/bench
+    Example: steper benchmark --teacher qwen2.5-coder-1.5b.gguf --data 2wikimultihopqa_train500.jsonl --test-data 2wikimultihopqa_dev164.jsonl --test-data hotpotqa_dev200.jsonl --ablations -o runs/bench
     """
     cfg = _config(**locals())
-    run_benchmark(cfg, systems=tuple(s.strip() for s in systems.split(",")))
+    chosen = [s.strip() for s in systems.split(",") if s.strip()]
+    if ablations:
+        chosen += [s for s in ABLATIONS if s not in chosen]
+    run_benchmark(cfg, systems=tuple(chosen))
 
 
 def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, compare_teacher: bool) -> None:
@@ -309,34 +323,37 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
 
     out = Path(cfg.output)
     cfg.save(out / "config.yaml")
-    timings, results = Timings(), {}
+    timings = Timings()
     with timings.track("load data"):
         task = load_task(cfg)
+    results: dict[str, dict] = {t.name: {} for t in task.testsets}
+
+    def evaluate(system: str, lm: dspy.LM, *, student: bool) -> None:
+        with timings.track(f"eval {system}"):
+            for name, report in run_evals(cfg, task, lm, student=student).items():
+                results[name][system] = report
+
     teleprompter = make_teleprompter(cfg)
     teacher = teacher_lm(cfg)
     with timings.track("harvest"):
-        teacher_on_train = teacher_program(cfg, task, teacher, test=False)
         harvest_report = teleprompter.harvest(
-            task.program(cfg, test=False), trainset=task.trainset, teacher=teacher_on_train
+            task.program(cfg), trainset=task.trainset, teacher=teacher_program(cfg, task, teacher)
         )
     if compare_untrained:
-        with timings.track("eval untrained student"):
-            results["untrained student"] = run_eval(cfg, task, make_lm(cfg.student), student=True)
+        evaluate("untrained student", make_lm(cfg.student), student=True)
     with timings.track("train"):
         training = teleprompter.train()
     student_lm = local_lm(training.output_dir)
-    with timings.track("eval compiled student"):
-        results[f"STEPER student ({cfg.weighting})"] = run_eval(cfg, task, student_lm, student=True)
+    evaluate(f"STEPER student ({cfg.weighting})", student_lm, student=True)
     if compare_teacher:
-        with timings.track("eval teacher"):
-            results["teacher"] = run_eval(cfg, task, teacher, student=False)
+        evaluate("teacher", teacher, student=False)
     program_dir = save_student_program(cfg, task, training.output_dir, student_lm)
-    console.print(results_table(results))
+    print_results(results)
     details = {
         "program": cfg.program,
         "data": cfg.data,
         "train questions": str(len(task.trainset)),
-        "test questions": str(len(task.testset)),
+        "test questions": ", ".join(f"{len(t.examples)} ({t.name})" for t in task.testsets),
         "teacher": cfg.teacher or f"recording {cfg.recording}",
         "student": cfg.student,
         "weighting": cfg.weighting,

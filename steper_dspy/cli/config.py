@@ -27,7 +27,8 @@ class RunConfig:
         max_steps: Most reasoning calls per chain.
         data: ``synthetic``, a local HotpotQA / 2Wiki / MuSiQue file, or a hub dataset id.
         data_format: ``hotpotqa``, ``2wiki`` or ``musique`` when it cannot be sniffed.
-        test_data: Evaluate on this dataset instead of the held-out part of `data`.
+        test_data: Evaluate on these datasets (each over its own corpus) instead of the held-out part of
+            `data`; a single path is taken as a list of one.
         train_size: Training questions (taken from `data` after the test questions are set apart).
         test_size: Held-out questions for evaluation.
         seed: Seed of the split and of the synthetic example.
@@ -55,7 +56,7 @@ class RunConfig:
     max_steps: int = 5
     data: str = "synthetic"
     data_format: str | None = None
-    test_data: str | None = None
+    test_data: list[str] | None = None
     train_size: int | None = None
     test_size: int = 30
     seed: int = 0
@@ -74,6 +75,10 @@ class RunConfig:
     step_filter: bool = False
     threads: int = 1
     training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.test_data, str):
+            self.test_data = [self.test_data]
 
     def training_config(self) -> TrainingConfig:
         """The training settings, with `weighting` and `stages` from this run."""

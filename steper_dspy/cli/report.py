@@ -12,7 +12,11 @@ from steper_dspy.stages import STAGES
 
 console = Console()
 
-COLUMNS = ("accuracy", "em", "f1", "recall", "avg_steps", "failures", "n")
+COLUMNS = ("accuracy", "em", "f1", "recall", "avg_steps", "failures", "n", "s/question", "tokens/s")
+PAPER_METRICS = ("accuracy", "em", "f1")
+
+# Results of a run: test set name -> system name -> its evaluation.
+Results = dict[str, dict[str, EvaluationReport]]
 
 
 def results_table(results: dict[str, EvaluationReport], title: str = "Held-out questions") -> Table:
@@ -25,6 +29,30 @@ def results_table(results: dict[str, EvaluationReport], title: str = "Held-out q
         summary = report.summary()
         table.add_row(system, *(_fmt(summary.get(column)) for column in COLUMNS))
     return table
+
+
+def paper_table(results: Results) -> Table:
+    """A rich table in the paper's shape: one row per system, accuracy / EM / F1 per test set."""
+    table = Table(title="Accuracy / EM / F1 per test set")
+    table.add_column("system")
+    for name in results:
+        for metric in PAPER_METRICS:
+            table.add_column(f"{name} {metric}", justify="right")
+    for system in _systems(results):
+        table.add_row(system, *_paper_cells(results, system))
+    return table
+
+
+def _systems(results: Results) -> list[str]:
+    return list(dict.fromkeys(system for by_system in results.values() for system in by_system))
+
+
+def _paper_cells(results: Results, system: str) -> list[str]:
+    return [
+        _fmt(getattr(by_system[system], metric)) if system in by_system else "-"
+        for by_system in results.values()
+        for metric in PAPER_METRICS
+    ]
 
 
 def _fmt(value: float | int | None) -> str:
@@ -64,24 +92,24 @@ def plot_training(log_path: Path, out: Path) -> Path | None:
     return out
 
 
-def plot_accuracy(results: dict[str, EvaluationReport], out: Path) -> Path:
-    """Bar chart of accuracy, EM and F1 per system."""
+def plot_accuracy(results: Results, out: Path) -> Path:
+    """Bar chart of accuracy, EM and F1 per system, one panel per test set."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = list(results)
-    metrics = ("accuracy", "em", "f1")
-    width = 0.8 / len(metrics)
-    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(systems)), 3.8))
-    for i, metric in enumerate(metrics):
-        values = [getattr(results[s], metric) for s in systems]
-        bars = ax.bar([x + i * width for x in range(len(systems))], values, width, label=metric)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks([x + width for x in range(len(systems))], [textwrap.fill(s, 14) for s in systems], fontsize=8)
-    ax.set(ylabel="%", ylim=(0, 105), title="held-out questions")
-    ax.legend()
+    systems = _systems(results)
+    width = 0.8 / len(PAPER_METRICS)
+    fig, axes = plt.subplots(1, len(results), figsize=(len(results) * max(5, 1.8 * len(systems)), 3.8), squeeze=False)
+    for ax, (name, by_system) in zip(axes[0], results.items(), strict=True):
+        for i, metric in enumerate(PAPER_METRICS):
+            values = [getattr(by_system[s], metric) if s in by_system else 0.0 for s in systems]
+            bars = ax.bar([x + i * width for x in range(len(systems))], values, width, label=metric)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks([x + width for x in range(len(systems))], [textwrap.fill(s, 14) for s in systems], fontsize=8)
+        ax.set(ylabel="%", ylim=(0, 105), title=name)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -90,7 +118,7 @@ def plot_accuracy(results: dict[str, EvaluationReport], out: Path) -> Path:
 
 def write_report(
     out_dir: Path,
-    results: dict[str, EvaluationReport],
+    results: Results,
     *,
     title: str,
     details: dict[str, str],
@@ -98,28 +126,20 @@ def write_report(
     harvest_summary: str | None = None,
     training_log: Path | None = None,
 ) -> Path:
-    """Write ``report.md`` (results table, per-type breakdown, timings, plots) and ``results.json`` into `out_dir`."""
+    """Write ``report.md`` (results per test set, per-type breakdown, timings, plots) and ``results.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     lines += [f"- **{key}**: {value}" for key, value in details.items()]
-    lines += ["", "## Results on held-out questions", ""]
-    lines += ["| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for system, report in results.items():
-        summary = report.summary()
-        lines.append(f"| {system} | " + " | ".join(_fmt(summary.get(c)) for c in COLUMNS) + " |")
-    accuracy_png = plot_accuracy(results, out_dir / "accuracy.png") if results else None
-    if accuracy_png:
+    if len(results) > 1:
+        header = [f"{name} {metric}" for name in results for metric in PAPER_METRICS]
+        lines += ["", "## Accuracy / EM / F1 per test set", ""]
+        lines += ["| system | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
+        lines += [f"| {system} | " + " | ".join(_paper_cells(results, system)) + " |" for system in _systems(results)]
+    if any(results.values()):
+        accuracy_png = plot_accuracy(results, out_dir / "accuracy.png")
         lines += ["", f"![accuracy per system]({accuracy_png.name})"]
-    lines += ["", "## Accuracy by question type and hops", ""]
-    groups = sorted(
-        {(kind, key) for r in results.values() for kind in ("type", "hops") for key in getattr(r, f"by_{kind}")},
-        key=str,
-    )
-    if groups:
-        lines += ["| group | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
-        for kind, key in groups:
-            cells = [_fmt(getattr(r, f"by_{kind}").get(key, {}).get("accuracy")) for r in results.values()]
-            lines.append(f"| {kind} {key} | " + " | ".join(cells) + " |")
+    for name, by_system in results.items():
+        lines += ["", f"## {name}", ""] + _test_set_lines(by_system)
     if harvest_summary:
         lines += ["", "## Harvest", "", "```", harvest_summary, "```"]
     if training_log is not None:
@@ -133,10 +153,40 @@ def write_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     scores = {
-        system: {**r.summary(), "by_type": r.by_type, "by_hops": {str(k): v for k, v in r.by_hops.items()}}
-        for system, r in results.items()
+        name: {
+            system: {**r.summary(), "by_type": r.by_type, "by_hops": {str(k): v for k, v in r.by_hops.items()}}
+            for system, r in by_system.items()
+        }
+        for name, by_system in results.items()
     }
     (out_dir / "results.json").write_text(
         json.dumps({"details": details, "timings": timings, "results": scores}, indent=2)
     )
     return path
+
+
+def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
+    """Markdown: the results table of one test set and its accuracy by question type and hops."""
+    lines = ["| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for system, report in results.items():
+        summary = report.summary()
+        lines.append(f"| {system} | " + " | ".join(_fmt(summary.get(c)) for c in COLUMNS) + " |")
+    groups = sorted(
+        {(kind, key) for r in results.values() for kind in ("type", "hops") for key in getattr(r, f"by_{kind}")},
+        key=str,
+    )
+    if groups:
+        lines += ["", "Accuracy by question type and hops:", ""]
+        lines += ["| group | " + " | ".join(results) + " |", "|---" * (len(results) + 1) + "|"]
+        for kind, key in groups:
+            cells = [_fmt(getattr(r, f"by_{kind}").get(key, {}).get("accuracy")) for r in results.values()]
+            lines.append(f"| {kind} {key} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def print_results(results: Results) -> None:
+    """Print one table per test set, and the paper-shaped table when there are several."""
+    for name, by_system in results.items():
+        console.print(results_table(by_system, title=name))
+    if len(results) > 1:
+        console.print(paper_table(results))

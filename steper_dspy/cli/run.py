@@ -18,17 +18,25 @@ from steper_dspy.retrieval import BM25Retriever
 
 
 @dataclass
+class TestSet:
+    """Held-out questions over their own corpus."""
+
+    name: str
+    examples: list[dspy.Example]
+    retriever: BM25Retriever
+
+
+@dataclass
 class Task:
-    """The questions and corpora of a run: training questions over one corpus, test questions over theirs."""
+    """The questions and corpora of a run: training questions over one corpus, test sets over theirs."""
 
     trainset: list[dspy.Example]
-    testset: list[dspy.Example]
     train_retriever: BM25Retriever
-    test_retriever: BM25Retriever
+    testsets: list[TestSet]
 
-    def program(self, config: RunConfig, *, test: bool) -> dspy.Module:
-        """A fresh program of the run's kind over the train or the test corpus."""
-        retriever = self.test_retriever if test else self.train_retriever
+    def program(self, config: RunConfig, testset: TestSet | None = None) -> dspy.Module:
+        """A fresh program of the run's kind over the corpus of `testset` (the training corpus when None)."""
+        retriever = testset.retriever if testset else self.train_retriever
         return make_program(config.program, retriever, k=config.k, max_steps=config.max_steps)
 
 
@@ -56,27 +64,26 @@ class _Timer:
 
 
 def load_task(config: RunConfig) -> Task:
-    """Load the data of a run and split it; the test questions come from `test_data` when given."""
+    """Load the data of a run and split it; the test sets are the files of `test_data` when given (each over
+    its own corpus, at most `test_size` questions), else the held-out part of `data`."""
     dataset = load_multihop(config.data, format=config.data_format, seed=config.seed)
     train_retriever = BM25Retriever(dataset.corpus)
     if config.test_data:
-        test = load_multihop(config.test_data, seed=config.seed)
-        trainset, testset, test_retriever = (
-            dataset.examples,
-            test.examples[: config.test_size],
-            BM25Retriever(test.corpus),
-        )
+        trainset, testsets = dataset.examples, []
+        for path in config.test_data:
+            test = load_multihop(path, seed=config.seed)
+            testsets.append(TestSet(Path(path).stem, test.examples[: config.test_size], BM25Retriever(test.corpus)))
     else:
         if config.test_size >= len(dataset.examples):
             raise SteperError(
                 f"test_size {config.test_size} leaves no training questions in {config.data} "
                 f"({len(dataset.examples)} questions): lower --test-size."
             )
-        trainset, testset = train_test_split(dataset, test_size=config.test_size, seed=config.seed)
-        test_retriever = train_retriever
+        trainset, held_out = train_test_split(dataset, test_size=config.test_size, seed=config.seed)
+        testsets = [TestSet(f"{Path(config.data).stem} (held out)", held_out, train_retriever)]
     if config.train_size is not None:
         trainset = trainset[: config.train_size]
-    return Task(trainset, testset, train_retriever, test_retriever)
+    return Task(trainset, train_retriever, testsets)
 
 
 def teacher_lm(config: RunConfig) -> dspy.LM:
@@ -93,9 +100,10 @@ def teacher_lm(config: RunConfig) -> dspy.LM:
     return live
 
 
-def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, *, test: bool) -> dspy.Module:
-    """The run's program on the teacher LM, with the built-in worked example as demos when asked for."""
-    program = task.program(config, test=test)
+def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, testset: TestSet | None = None) -> dspy.Module:
+    """The run's program on the teacher LM over the corpus of `testset` (training corpus when None), with the
+    built-in worked example as demos when asked for."""
+    program = task.program(config, testset)
     if config.teacher_demos and config.program == "ircot":
         with_demos(program, ircot_demos())
     program.set_lm(lm)
@@ -121,15 +129,25 @@ def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, pr
     )
 
 
-def run_eval(config: RunConfig, task: Task, lm: dspy.LM, *, student: bool, progress: bool = True) -> EvaluationReport:
-    """Evaluate the run's program on `lm` over the test questions; a student runs with its own adapter."""
+def run_eval(
+    config: RunConfig, task: Task, lm: dspy.LM, testset: TestSet, *, student: bool, progress: bool = True
+) -> EvaluationReport:
+    """Evaluate the run's program on `lm` over `testset`; a student runs with its own adapter."""
     program = (
-        run_on_student(task.program(config, test=True), lm) if student else teacher_program(config, task, lm, test=True)
+        run_on_student(task.program(config, testset), lm) if student else teacher_program(config, task, lm, testset)
     )
-    return evaluate_program(program, task.testset, num_threads=config.threads, display_progress=progress)
+    return evaluate_program(program, testset.examples, num_threads=config.threads, display_progress=progress)
+
+
+def run_evals(
+    config: RunConfig, task: Task, lm: dspy.LM, *, student: bool, progress: bool = True
+) -> dict[str, EvaluationReport]:
+    """:func:`run_eval` on every test set of the task, by test set name."""
+    return {t.name: run_eval(config, task, lm, t, student=student, progress=progress) for t in task.testsets}
 
 
 def save_student_program(config: RunConfig, task: Task, model_dir: Path, lm: dspy.LM) -> Path:
-    """Save the compiled program (program JSON, test retriever, model reference) to ``<output>/program``."""
-    program = run_on_student(task.program(config, test=True), lm)
+    """Save the compiled program (program JSON, first test set's retriever, model reference) to
+    ``<output>/program``."""
+    program = run_on_student(task.program(config, task.testsets[0]), lm)
     return save_compiled(program, Path(config.output) / "program", model_dir=model_dir)

@@ -1,0 +1,82 @@
+"""The benchmark runner: several test sets, the paper's systems and ablations, one harvest shared by all."""
+
+import json
+
+import pytest
+
+from steper_dspy import SteperError
+from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.quickstart import quickstart_config
+from steper_dspy.cli.report import write_report
+from steper_dspy.cli.run import load_task
+from steper_dspy.evals import EvaluationReport, benchmark
+from steper_dspy.evals.benchmark import SYSTEMS, run_benchmark, system_config
+from tests.test_datasets import HOTPOT_ROW, write_jsonl
+
+
+def _hotpot_file(path, n):
+    return write_jsonl(path, [{**HOTPOT_ROW, "_id": f"{path.stem}-{i}"} for i in range(n)])
+
+
+def test_each_test_file_is_a_test_set_over_its_own_corpus(tmp_path):
+    first, second = _hotpot_file(tmp_path / "first.jsonl", 3), _hotpot_file(tmp_path / "second.jsonl", 5)
+    config = RunConfig(data="synthetic", test_data=[str(first), str(second)], test_size=4, train_size=10)
+    task = load_task(config)
+    assert [t.name for t in task.testsets] == ["first", "second"]
+    assert [len(t.examples) for t in task.testsets] == [3, 4]
+    assert len(task.trainset) == 10  # every synthetic question may train: the tests come from other files
+    assert task.testsets[0].retriever is not task.train_retriever
+    assert RunConfig(test_data=str(first)).test_data == [str(first)]
+    held_out = load_task(RunConfig(data="synthetic", test_size=5)).testsets
+    assert [(t.name, len(t.examples)) for t in held_out] == [("synthetic (held out)", 5)]
+
+
+def test_systems_set_stages_weighting_and_stage_weights():
+    config = RunConfig(training={"learning_rate": 1e-3})
+    vanilla = system_config(config, SYSTEMS["vanilla-kd"]).training_config()
+    assert (vanilla.stages, vanilla.weighting) == (("aggregate",), "uniform")
+    fixed = system_config(config, SYSTEMS["fixed"]).training_config()
+    assert fixed.weighting == "fixed" and fixed.stage_weights == {"init": 1.0, "expand": 1.0, "aggregate": 1.0}
+    assert fixed.learning_rate == 1e-3
+    ablation = system_config(config, SYSTEMS["steper-agg-init"]).training_config()
+    assert (ablation.stages, ablation.weighting) == (("init", "aggregate"), "adaptive")
+
+
+def test_report_has_the_paper_shaped_table_for_several_test_sets(tmp_path):
+    def report(acc):
+        row = {"id": "q", "em": acc, "f1": acc, "accuracy": acc}
+        return EvaluationReport(em=acc, f1=acc, accuracy=acc, failures=0, avg_steps=3.0, recall=50.0, rows=[row])
+
+    results = {"2wiki": {"teacher": report(40.0), "STEPER": report(30.0)}, "hotpot": {"teacher": report(20.0)}}
+    path = write_report(tmp_path, results, title="t", details={}, timings={"eval": 1.0})
+    text = path.read_text()
+    assert "| system | 2wiki accuracy | 2wiki em | 2wiki f1 | hotpot accuracy | hotpot em | hotpot f1 |" in text
+    assert "| STEPER | 30.0 | 30.0 | 30.0 | - | - | - |" in text
+    assert "## 2wiki" in text and "## hotpot" in text
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved["hotpot"]["teacher"]["accuracy"] == 20.0
+
+
+def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model_dir, monkeypatch):
+    def first_questions(config):  # the quickstart's split (its recording covers it), 3 test questions
+        task = load_task(config)
+        task.testsets[0].examples = task.testsets[0].examples[:3]
+        return task
+
+    monkeypatch.setattr(benchmark, "load_task", first_questions)
+    config = quickstart_config(output=str(tmp_path / "bench"), student=str(tiny_model_dir))
+    config.training = {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 8192, "logging_steps": 1}
+    results = run_benchmark(config, systems=("vanilla-kd", "fixed"), include_untrained=False)
+    (by_system,) = results.values()
+    assert list(by_system) == ["teacher", "Vanilla-KD", "step-wise KD (fixed 1:1:1 per stage)"]
+    out = tmp_path / "bench"
+    made = json.loads((out / "fixed" / "model" / "steper_training.json").read_text())
+    assert made["config"]["weighting"] == "fixed"
+    made = json.loads((out / "vanilla-kd" / "model" / "steper_training.json").read_text())
+    assert made["config"]["stages"] == ["aggregate"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 3 and {r["test_set"] for r in rows} == {"synthetic (held out)"}
+    assert "## synthetic (held out)" in (out / "report.md").read_text()
+    with pytest.raises(SteperError, match="Unknown system"):
+        run_benchmark(config, systems=("no-such-system",))
