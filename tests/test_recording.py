@@ -40,6 +40,9 @@ def test_replay_without_the_live_lm(recording):
     assert replay.kwargs["max_tokens"] == 1000  # the recorded run's settings, from the file
     assert _ask(replay, QUESTIONS) == ["London", "Shakespeare"]
     assert replay.history[-1]["outputs"][0].endswith("Shakespeare")
+    with dspy.track_usage() as usage:  # a replayed answer costs nothing, like a cache hit
+        _ask(replay, QUESTIONS)
+    assert not any(u.get("completion_tokens") for u in usage.get_total_tokens().values())
 
 
 def test_unrecorded_request_says_how_to_record(recording):

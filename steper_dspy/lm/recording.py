@@ -24,7 +24,7 @@ from typing import Any, Literal
 import dspy
 from dspy._vendor.lm15.serde import part_to_dict, request_to_dict, response_from_dict, response_to_dict
 from dspy.clients.engines.base import validate_request
-from dspy.lm15 import Request, Response, response_to_events
+from dspy.lm15 import Request, Response, Usage, response_to_events
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.errors import SteperLMError
@@ -194,7 +194,8 @@ class RecordingEngine:
         with self._lock:
             stored = self._entries.get(key)
         if stored is not None:
-            response = response_from_dict(stored)
+            # A replayed answer generates nothing, so it reports no usage, as DSPy's cache does for a hit.
+            response = dataclasses.replace(response_from_dict(stored), usage=Usage())
         elif self.live:
             response = self._call_live(request, rollout_id, candidate)
             self._record(key, request, rollout_id, n, candidate, response)
