@@ -44,7 +44,8 @@ class TrainingConfig:
             counted, never truncated: cutting the prompt would teach a prompt the student never sees at
             inference (it loses the system message or the question).
         bf16: bf16 autocast; `None` turns it on where the hardware runs bf16 natively (recent GPUs, CPUs
-            with AVX512-BF16 or AMX).
+            with AVX512-BF16 or AMX). With LoRA the frozen base is then held in bf16 too (the adapter stays
+            fp32, and a merged model is merged into the base at full precision).
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
         logging_steps: Log the loss, per-stage losses and sigmas every this many steps.
         save_steps: Write a resumable checkpoint every this many steps.

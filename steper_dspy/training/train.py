@@ -102,6 +102,7 @@ def train_student(
         return done
 
     from accelerate import PartialState
+    from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
 
     from steper_dspy.lm.models import load_model
@@ -113,14 +114,18 @@ def train_student(
         checkpoint = last_checkpoint(output_dir / CHECKPOINTS) if resume else None
 
     set_seed(config.seed)
-    model, tokenizer = load_model(base_model, device="cpu", trainable=True)
+    bf16 = _autocast_bf16(config)
+    # LoRA under bf16 autocast: the frozen base computes in bf16 anyway, so it is stored in bf16 too (the adapter
+    # stays fp32: peft upcasts it). Full fine-tuning keeps fp32 master weights.
+    bf16_base = config.use_lora and bf16
+    model, tokenizer = load_model(base_model, device="cpu", trainable=True, dtype="bfloat16" if bf16_base else "auto")
     data = build_training_data(samples, tokenizer, config.stages, config.max_length)
     model = _prepare_model(model, config)
     weighting = StageWeighting(config.stages, config.weighting, config.stage_weights)
 
     trainer = StageTrainer(
         model=model,
-        args=_training_arguments(output_dir / CHECKPOINTS, config, progress),
+        args=_training_arguments(output_dir / CHECKPOINTS, config, progress, bf16),
         train_dataset=_dataset(data),
         data_collator=_collator(tokenizer),
         processing_class=tokenizer,
@@ -130,11 +135,13 @@ def train_student(
     )
     _set_progress(trainer, progress)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    # peft would cast every LoRA input up to the fp32 adapter's dtype, only for autocast to cast it straight back.
+    with disable_input_dtype_casting(model, active=bf16_base):
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     result = _result(output_dir, trainer, data, seconds, trainer.tokens_seen)
     if trainer.is_world_process_zero():
-        _save_model(trainer, output_dir, config, base_model)
+        _save_model(trainer, output_dir, config, base_model, reload_base=bf16_base)
         record = {**run, **_counts(data), **_result_fields(result), "global_step": trainer.state.global_step}
         _write_json(output_dir / RESULT_FILE, record)
     state.wait_for_everyone()
@@ -225,7 +232,7 @@ def _prepare_model(model: Any, config: TrainingConfig) -> Any:
     model.config.use_cache = False
     if not config.use_lora:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     lora = LoraConfig(
         r=config.lora_r,
@@ -234,20 +241,34 @@ def _prepare_model(model: Any, config: TrainingConfig) -> Any:
         target_modules=config.lora_target_modules,
         task_type="CAUSAL_LM",
     )
+    return _peft_model(model, lora)
+
+
+def _peft_model(model: Any, lora: Any) -> Any:
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         # peft probes a deprecated transformers attribute; the warning is theirs, not the user's.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lora)
 
 
-def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: bool) -> Any:
+def _autocast_bf16(config: TrainingConfig) -> bool:
+    """Whether the run trains under bf16 autocast: `config.bf16`, or where the hardware runs bf16 natively."""
     import torch
-    from transformers import TrainingArguments
 
     from steper_dspy.lm.models import default_dtype
 
+    if config.bf16 is not None:
+        return config.bf16
+    return default_dtype("cuda" if torch.cuda.is_available() else "cpu") == torch.bfloat16
+
+
+def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: bool, bf16: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
     cuda = torch.cuda.is_available()
-    bf16 = config.bf16 if config.bf16 is not None else default_dtype("cuda" if cuda else "cpu") == torch.bfloat16
     return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=config.per_device_train_batch_size,
@@ -315,7 +336,13 @@ def _result(output_dir: Path, trainer: StageTrainer, data: TrainingData, seconds
     )
 
 
-def _save_model(trainer: StageTrainer, output_dir: Path, config: TrainingConfig, base_model: str | Path) -> None:
+def _save_model(
+    trainer: StageTrainer, output_dir: Path, config: TrainingConfig, base_model: str | Path, *, reload_base: bool
+) -> None:
+    """Save the merged model in the base's own dtype, or the adapter alone.
+
+    `reload_base`: the base was trained on in bf16, so the adapter is merged into a fresh fp32 copy instead.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in _MODEL_FILES:
         (output_dir / name).unlink(missing_ok=True)
@@ -324,12 +351,33 @@ def _save_model(trainer: StageTrainer, output_dir: Path, config: TrainingConfig,
             stale.unlink()
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.use_lora and config.merge:
-        model = model.merge_and_unload()
+        model = _merge_into_fp32_base(model, base_model) if reload_base else model.merge_and_unload()
     if not (config.use_lora and not config.merge):
         model = model.to(_saved_dtype(base_model))
         model.config.use_cache = True
     model.save_pretrained(output_dir)
     trainer.processing_class.save_pretrained(output_dir)
+
+
+def _merge_into_fp32_base(model: Any, base_model: str | Path) -> Any:
+    """The trained (fp32) adapter of `model` merged into the base loaded afresh in fp32.
+
+    Merging into the bf16 base trained on would bake its bf16-rounded weights into the saved model. fp32 holds
+    any base exactly, and the merge is the same as that of a run trained on an fp32 base; `_save_model` then
+    casts the result to the base's own dtype.
+    """
+    import copy
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from steper_dspy.lm.models import load_model
+
+    base, _ = load_model(base_model, device="cpu", dtype="float32")
+    fresh = _peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+    loaded = set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    if loaded.unexpected_keys:
+        raise SteperError(f"The trained adapter does not fit the reloaded base model: {loaded.unexpected_keys[:5]}")
+    return fresh.merge_and_unload()
 
 
 def _saved_dtype(base_model: str | Path) -> Any:
