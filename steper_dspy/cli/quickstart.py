@@ -10,10 +10,10 @@ RECORDED_TEACHER = "quickstart_teacher.jsonl"
 RECORDED_TEACHER_MODEL = "qwen2.5-coder-1.5b"
 
 # Sized for about ten minutes on two CPU cores (see README); the flags scale it up.
-TRAIN_SIZE = 24
+TRAIN_SIZE = 48
 TEST_SIZE = 16
 TRAINING = {
-    "num_train_epochs": 6.0,
+    "num_train_epochs": 3.0,
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 8,
     "max_length": 1536,
