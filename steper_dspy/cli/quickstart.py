@@ -13,7 +13,7 @@ RECORDED_TEACHER_MODEL = "qwen2.5-coder-1.5b"
 TRAIN_SIZE = 48
 TEST_SIZE = 16
 TRAINING = {
-    "num_train_epochs": 3.0,
+    "num_train_epochs": 6.0,
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 8,
     "max_length": 1536,
