@@ -408,24 +408,18 @@ def _encode(tokenizer: Any, sample: dict[str, Any]) -> dict[str, list[int]]:
 def _train_trl(job: _Job) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers.trainer_callback import PrinterCallback
 
     trl = require("trl", "trl")
     from steper_dspy.lm.models import load_model
+    from steper_dspy.training.train import lora_config
 
     config = job.settings.training_config()
     cuda = torch.cuda.is_available()
     net, tokenizer = load_model(job.model, device="cpu", trainable=True)
     net.config.use_cache = False
     rows = [{"prompt": s["messages"][:-1], "completion": [s["messages"][-1]]} for s in job.samples]
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(config)  # the very LoRA settings our trainer uses
     args = trl.SFTConfig(
         output_dir=job.output_dir,
         per_device_train_batch_size=config.per_device_train_batch_size,

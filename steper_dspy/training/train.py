@@ -232,16 +232,20 @@ def _prepare_model(model: Any, config: TrainingConfig) -> Any:
     model.config.use_cache = False
     if not config.use_lora:
         return model
+    return _peft_model(model, lora_config(config))
+
+
+def lora_config(config: TrainingConfig) -> Any:
+    """The peft `LoraConfig` of a training run (rank, alpha, dropout and target modules from `config`)."""
     from peft import LoraConfig
 
-    lora = LoraConfig(
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    return _peft_model(model, lora)
 
 
 def _peft_model(model: Any, lora: Any) -> Any:
