@@ -5,11 +5,10 @@ ablations (which stages' data, which weighting)."""
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.report import Results, console, print_results, write_report
-from steper_dspy.cli.run import Timings, load_task, make_teleprompter, run_evals, teacher_lm, teacher_program
+from steper_dspy.cli.run import Timings, evaluate_system, load_task, make_teleprompter, teacher_lm, teacher_program
 from steper_dspy.cli.specs import make_lm
 from steper_dspy.errors import SteperError
 
@@ -64,29 +63,23 @@ def run_benchmark(
     config.save(out / "config.yaml")
     timings = Timings()
     task = load_task(config)
-    results: Results = {t.name: {} for t in task.testsets}
-
-    def evaluate(system: str, lm: Any, *, student: bool) -> None:
-        with timings.track(f"eval {system}"):
-            for name, report in run_evals(config, task, lm, student=student).items():
-                results[name][system] = report
-
+    results: Results = {}
     teacher = teacher_lm(config)
     with timings.track("harvest"):
         harvest = make_teleprompter(config).harvest(
             task.program(config), trainset=task.trainset, teacher=teacher_program(config, task, teacher)
         )
     if include_teacher:
-        evaluate("teacher", teacher, student=False)
+        evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
     if include_untrained:
-        evaluate("untrained student", make_lm(config.student), student=True)
+        evaluate_system(results, timings, "untrained student", config, task, make_lm(config.student), student=True)
     logs = {}
     for key in systems:
         system = SYSTEMS[key]
         with timings.track(f"train {key}"):
             training = make_teleprompter(system_config(config, system), output=out / key).train()
         logs[key] = training.log_path
-        evaluate(system.name, make_lm(str(training.output_dir)), student=True)
+        evaluate_system(results, timings, system.name, config, task, make_lm(str(training.output_dir)), student=True)
     print_results(results)
     write_predictions(results, out / "predictions.jsonl")
     details = {

@@ -6,17 +6,16 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-import dspy
 import typer
 
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.quickstart import quickstart_config
-from steper_dspy.cli.report import console, print_results, write_report
+from steper_dspy.cli.report import Results, console, print_results, write_report
 from steper_dspy.cli.run import (
     Timings,
+    evaluate_system,
     load_task,
     make_teleprompter,
-    run_evals,
     save_student_program,
     teacher_lm,
     teacher_program,
@@ -241,10 +240,8 @@ def eval_(
     """
     cfg = _config(**locals())
     task = load_task(cfg)
-    timings = Timings()
-    with timings.track("eval"):
-        reports = run_evals(cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
-    results = {name: {model: report} for name, report in reports.items()}
+    timings, results = Timings(), {}
+    evaluate_system(results, timings, model, cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
     print_results(results)
     path = write_report(
         Path(cfg.output),
@@ -326,13 +323,7 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
     timings = Timings()
     with timings.track("load data"):
         task = load_task(cfg)
-    results: dict[str, dict] = {t.name: {} for t in task.testsets}
-
-    def evaluate(system: str, lm: dspy.LM, *, student: bool) -> None:
-        with timings.track(f"eval {system}"):
-            for name, report in run_evals(cfg, task, lm, student=student).items():
-                results[name][system] = report
-
+    results: Results = {}
     teleprompter = make_teleprompter(cfg)
     teacher = teacher_lm(cfg)
     with timings.track("harvest"):
@@ -340,13 +331,13 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
             task.program(cfg), trainset=task.trainset, teacher=teacher_program(cfg, task, teacher)
         )
     if compare_untrained:
-        evaluate("untrained student", make_lm(cfg.student), student=True)
+        evaluate_system(results, timings, "untrained student", cfg, task, make_lm(cfg.student), student=True)
     with timings.track("train"):
         training = teleprompter.train()
     student_lm = local_lm(training.output_dir)
-    evaluate(f"STEPER student ({cfg.weighting})", student_lm, student=True)
+    evaluate_system(results, timings, f"STEPER student ({cfg.weighting})", cfg, task, student_lm, student=True)
     if compare_teacher:
-        evaluate("teacher", teacher, student=False)
+        evaluate_system(results, timings, "teacher", cfg, task, teacher, student=False)
     program_dir = save_student_program(cfg, task, training.output_dir, student_lm)
     print_results(results)
     details = {

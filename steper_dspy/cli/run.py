@@ -8,6 +8,7 @@ from typing import Any
 import dspy
 
 from steper_dspy.cli.config import RunConfig
+from steper_dspy.cli.report import Results
 from steper_dspy.cli.specs import make_lm, make_program
 from steper_dspy.compilers import STEPER, GroundedStepFilter
 from steper_dspy.compilers.student import run_on_student, save_compiled
@@ -139,11 +140,23 @@ def run_eval(
     return evaluate_program(program, testset.examples, num_threads=config.threads, display_progress=progress)
 
 
-def run_evals(
-    config: RunConfig, task: Task, lm: dspy.LM, *, student: bool, progress: bool = True
-) -> dict[str, EvaluationReport]:
-    """:func:`run_eval` on every test set of the task, by test set name."""
-    return {t.name: run_eval(config, task, lm, t, student=student, progress=progress) for t in task.testsets}
+def evaluate_system(
+    results: Results,
+    timings: Timings,
+    system: str,
+    config: RunConfig,
+    task: Task,
+    lm: dspy.LM,
+    *,
+    student: bool,
+    progress: bool = True,
+) -> None:
+    """Evaluate `system` (the run's program on `lm`) on every test set of the task: its reports go into
+    `results` (test set -> system -> report) and its wall time into `timings` as ``eval <system>``."""
+    with timings.track(f"eval {system}"):
+        for testset in task.testsets:
+            report = run_eval(config, task, lm, testset, student=student, progress=progress)
+            results.setdefault(testset.name, {})[system] = report
 
 
 def save_student_program(config: RunConfig, task: Task, model_dir: Path, lm: dspy.LM) -> Path:
