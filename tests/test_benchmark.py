@@ -1,6 +1,7 @@
 """The benchmark runner: several test sets, the paper's systems and ablations, one harvest shared by all."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,15 @@ def test_each_test_file_is_a_test_set_over_its_own_corpus(tmp_path):
     assert RunConfig(test_data=str(first)).test_data == [str(first)]
     held_out = load_task(RunConfig(data="synthetic", test_size=5)).testsets
     assert [(t.name, len(t.examples)) for t in held_out] == [("synthetic (held out)", 5)]
+
+
+def test_shipped_2wiki_config_trains_on_2wiki_and_tests_in_and_out_of_domain():
+    config = RunConfig.load(Path(benchmark.__file__).parent / "configs" / "2wiki-hotpotqa.yaml")
+    assert Path(config.data).name == "2wikimultihopqa_train500.jsonl"
+    assert [Path(p).name for p in config.test_data] == ["2wikimultihopqa_dev164.jsonl", "hotpotqa_dev200.jsonl"]
+    training = config.training_config()
+    assert training.max_length >= 4096  # 2Wiki aggregation prompts run past 2048 tokens
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 8
 
 
 def test_systems_set_stages_weighting_and_stage_weights():
