@@ -150,11 +150,12 @@ def harvest(
     Example: steper harvest --teacher openai/gpt-4o-mini --data synthetic -o runs/demo --threads 8
     """
     cfg = _config(**locals())
+    # Saved before the long run, so the record exists if it is stopped and a config edited meanwhile survives.
+    cfg.save(Path(cfg.output) / "config.yaml")
     task = load_task(cfg)
     student = task.program(cfg)
     teacher = teacher_program(cfg, task, teacher_lm(cfg))
     make_teleprompter(cfg).harvest(student, trainset=task.trainset, teacher=teacher)
-    cfg.save(Path(cfg.output) / "config.yaml")
 
 
 @app.command()
@@ -172,8 +173,8 @@ def train(
     Example: steper train -o runs/demo --student HuggingFaceTB/SmolLM2-135M-Instruct --weighting adaptive
     """
     cfg = _config(**locals())
-    result = make_teleprompter(cfg).train()
     cfg.save(Path(cfg.output) / "config.yaml")
+    result = make_teleprompter(cfg).train()
     console.print(
         f"trained {result.output_dir}: final loss {result.final_loss:.3f}, sigmas {result.sigmas}, "
         f"{result.tokens_per_second:.0f} tokens/s"
