@@ -107,10 +107,6 @@ def test_every_command_explains_its_options_with_an_example():
 
 def test_harvest_and_train_record_their_config_before_the_long_run(tmp_path):
     # Written first: a stopped run leaves its record, and a config edited while it runs is not overwritten.
-    from typer.testing import CliRunner
-
-    from steper_dspy.cli.app import app
-
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "-o", str(out), "--epochs", "3"])
     assert result.exit_code != 0  # no harvest to train on
