@@ -10,12 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.exceptions import AdapterParseError, ContextWindowExceededError
 from dspy.utils.parallelizer import ParallelExecutor
 from tqdm.auto import tqdm
 
+from steper_dspy.adapter import student_adapter
+from steper_dspy.adapter import teacher_adapter as default_teacher_adapter
 from steper_dspy.compilers.filters import StepFilter
 from steper_dspy.compilers.store import ChainRecord, HarvestStore
+from steper_dspy.errors import SteperError
+from steper_dspy.lm.errors import ServerDiedError
 from steper_dspy.programs.stages import stage_by_predictor_id
 from steper_dspy.stages import STAGES
 
@@ -116,6 +120,7 @@ def harvest(
     rollout_temperature: float = 0.7,
     step_filter: StepFilter | None = None,
     adapter: dspy.ChatAdapter | None = None,
+    teacher_adapter: dspy.Adapter | None = None,
     num_threads: int = 1,
     progress: bool = True,
 ) -> HarvestReport:
@@ -135,7 +140,9 @@ def harvest(
         rollouts: Teacher chains per question; rollouts after the first sample at `rollout_temperature`.
         rollout_temperature: Sampling temperature of the extra rollouts.
         step_filter: Optional filter that drops single steps of kept chains.
-        adapter: The adapter the student will be prompted with (default ``ChatAdapter``).
+        adapter: The adapter the student will be prompted with (default :func:`student_adapter`).
+        teacher_adapter: The adapter the teacher runs with (default :func:`teacher_adapter`); a teacher program
+            set to run with its own adapter keeps it.
         num_threads: Parallel teacher calls (useful for API teachers).
         progress: Show a progress bar.
 
@@ -145,7 +152,8 @@ def harvest(
     Raises:
         SteperError: Another harvest is writing to the same file (the store is locked for the whole run).
     """
-    adapter = adapter or dspy.ChatAdapter()
+    adapter = adapter or student_adapter()
+    teacher_adapter = teacher_adapter or default_teacher_adapter()
     signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
     # Locked for the whole run, so that a second harvest into the same file fails at once.
     with store.writing():
@@ -161,20 +169,30 @@ def harvest(
         lock = threading.Lock()
         counts = Counter({"kept": len([r for r in store.records() if r.kept])})
         failed: list[int] = []  # indices into jobs
+        fatal: list[ServerDiedError] = []  # once the teacher's server is gone, the other chains are not tried
 
         def run(index: int) -> None:
             example, rollout = jobs[index]
-            record = _run_chain(
-                teachers[rollout],
-                stage_maps[rollout],
-                example,
-                rollout,
-                signatures,
-                adapter,
-                metric,
-                threshold,
-                step_filter,
-            )
+            try:
+                record = (
+                    None
+                    if fatal
+                    else _run_chain(
+                        teachers[rollout],
+                        teacher_adapter,
+                        stage_maps[rollout],
+                        example,
+                        rollout,
+                        signatures,
+                        adapter,
+                        metric,
+                        threshold,
+                        step_filter,
+                    )
+                )
+            except ServerDiedError as err:
+                fatal.append(err)
+                record = None
             if record is not None:
                 store.append(record)
             with lock:
@@ -192,12 +210,18 @@ def harvest(
         finally:
             bar.close()
         failed_chains = [(example_id(jobs[i][0]), jobs[i][1]) for i in sorted(failed)]
-        return HarvestReport.from_store(
+        report = HarvestReport.from_store(
             store,
             new_chains=len(jobs) - counts["lm_failures"],
             lm_failures=counts["lm_failures"],
             failed_chains=failed_chains,
         )
+    if fatal:
+        raise SteperError(
+            f"{fatal[0]} The harvest stopped: {report.chains} chains are saved in {store.path} ({report.new_chains} "
+            "new); run the same command again to resume."
+        )
+    return report
 
 
 def _teacher_for_rollout(teacher: dspy.Module, rollout: int, temperature: float) -> dspy.Module:
@@ -214,6 +238,7 @@ def _teacher_for_rollout(teacher: dspy.Module, rollout: int, temperature: float)
 
 def _run_chain(
     teacher: dspy.Module,
+    teacher_adapter: dspy.Adapter,
     stages: dict[int, tuple[str, Any]],
     example: dspy.Example,
     rollout: int,
@@ -224,11 +249,21 @@ def _run_chain(
     step_filter: StepFilter | None,
 ) -> ChainRecord | None:
     eid = example_id(example)
-    with dspy.context(trace=[]):
+    with dspy.context(trace=[], adapter=teacher_adapter):
         try:
             prediction = teacher(**example.inputs())
         except AdapterParseError:
             return ChainRecord(eid, rollout, kept=False, reason="parse_error", score=0.0)
+        except ContextWindowExceededError as err:  # the same prompt would overflow again: drop the chain
+            logger.warning(
+                "dropped the chain of %s (%r): a prompt exceeds the teacher's context: %s",
+                eid,
+                str(example.question)[:120],
+                err,
+            )
+            return ChainRecord(eid, rollout, kept=False, reason="context_length", score=0.0)
+        except ServerDiedError:
+            raise
         except Exception as err:  # a teacher that fails after its retries: not recorded, so a rerun retries it
             logger.warning("teacher failed on %s: %s: %s", eid, type(err).__name__, err)
             return None

@@ -9,10 +9,11 @@ from typing import Any
 import dspy
 from dspy.teleprompt.teleprompt import Teleprompter
 
+from steper_dspy.adapter import student_adapter
 from steper_dspy.compilers.filters import StepFilter
 from steper_dspy.compilers.harvest import HarvestReport, Metric, harvest
 from steper_dspy.compilers.store import HarvestStore
-from steper_dspy.compilers.student import run_on_student, save_compiled, student_adapter
+from steper_dspy.compilers.student import run_on_student, save_compiled, student_lm
 from steper_dspy.errors import SteperError
 from steper_dspy.evals.metrics import answer_exact_match
 from steper_dspy.programs.stages import predictor_stages
@@ -48,7 +49,7 @@ class STEPER(Teleprompter):
         harvest_path: The harvest JSONL (default ``<output_dir>/harvest.jsonl``); share it between
             compilers to train them all on the same chains.
         num_threads: Parallel teacher calls.
-        lm_kwargs: Passed to :func:`steper_dspy.lm.local_lm` for the returned student LM.
+        lm_kwargs: Passed to :func:`steper_dspy.compilers.student_lm` for the returned student LM.
         progress: Show progress bars.
     """
 
@@ -179,9 +180,7 @@ class STEPER(Teleprompter):
         )
 
     def _compiled_program(self, student: dspy.Module, model_dir: Path) -> dspy.Module:
-        from steper_dspy.lm import local_lm
-
-        program = run_on_student(student.deepcopy(), local_lm(model_dir, **self.lm_kwargs))
+        program = run_on_student(student.deepcopy(), student_lm(model_dir, **self.lm_kwargs))
         if hasattr(getattr(program, "retriever", None), "save"):
             save_compiled(program, self.output_dir / "program", model_dir=model_dir)
         return program

@@ -8,16 +8,29 @@ from typing import Any
 
 import dspy
 
+from steper_dspy.adapter import student_adapter
 from steper_dspy.errors import SteperError
 
 PROGRAM_FILE = "program.json"
 MANIFEST_FILE = "steper_program.json"
 
 
-def student_adapter() -> dspy.ChatAdapter:
-    """The adapter a student runs with: the one its training prompts were formatted with, and no JSON
-    fallback, so a parse failure never triggers a second generation in a format it never saw."""
-    return dspy.ChatAdapter(use_json_adapter_fallback=False)
+# A student reply that has not begun a field marker by then never parses (an untrained student writing prose).
+STUDENT_MARKER_PATIENCE = 32
+
+
+def student_lm(model: str | Path, **kwargs: Any) -> dspy.LM:
+    """A (trained or untrained) student model as an LM: :func:`steper_dspy.lm.local_lm`, stopping replies that
+    cannot parse early.
+
+    Args:
+        model: The student's model folder, `.gguf` file or hub id.
+        **kwargs: Passed to :func:`steper_dspy.lm.local_lm` (e.g. ``engine="vllm"``, ``device="cuda"``).
+    """
+    from steper_dspy.lm import local_lm
+
+    kwargs.setdefault("marker_patience", STUDENT_MARKER_PATIENCE)
+    return local_lm(model, **kwargs)
 
 
 def run_on_student(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter | None = None) -> dspy.Module:
@@ -26,20 +39,25 @@ def run_on_student(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter | No
     Args:
         program: The program (modified in place and returned).
         lm: The student LM (for instance :func:`steper_dspy.lm.local_lm` of a trained folder).
-        adapter: The adapter to run under (default :func:`student_adapter`).
+        adapter: The adapter to run under (default :func:`steper_dspy.adapter.student_adapter`).
 
     Returns:
         `program`, whose ``forward`` now runs under ``dspy.context(adapter=adapter)``.
     """
     program.set_lm(lm)
-    program._student_adapter = adapter or student_adapter()
+    return run_with_adapter(program, adapter or student_adapter())
+
+
+def run_with_adapter(program: dspy.Module, adapter: dspy.Adapter) -> dspy.Module:
+    """Make `program` (modified in place and returned) run under ``dspy.context(adapter=adapter)``."""
+    program._run_adapter = adapter
     # An instance-level forward (as dspy's bootstrap_trace_data does); a MethodType survives deepcopy.
     program.forward = MethodType(_forward_with_adapter, program)
     return program
 
 
 def _forward_with_adapter(self: dspy.Module, **kwargs: Any) -> Any:
-    with dspy.context(adapter=self._student_adapter):
+    with dspy.context(adapter=self._run_adapter):
         return type(self).forward(self, **kwargs)
 
 
@@ -87,9 +105,8 @@ def load_compiled(path: str | Path, **lm_kwargs: Any) -> dspy.Module:
 
     Args:
         path: The folder.
-        **lm_kwargs: Passed to :func:`steper_dspy.lm.local_lm` (e.g. ``device="cuda"``).
+        **lm_kwargs: Passed to :func:`student_lm` (e.g. ``device="cuda"``).
     """
-    from steper_dspy.lm import local_lm
     from steper_dspy.retrieval import BM25Retriever
 
     path = Path(path)
@@ -106,7 +123,7 @@ def load_compiled(path: str | Path, **lm_kwargs: Any) -> dspy.Module:
     program = cls(retriever, **manifest["init"])
     program.load_state(json.loads((path / PROGRAM_FILE).read_text()))
     model = Path(manifest["model"])
-    return run_on_student(program, local_lm(model if model.is_absolute() else path / model, **lm_kwargs))
+    return run_on_student(program, student_lm(model if model.is_absolute() else path / model, **lm_kwargs))
 
 
 def _strip_lm_state(state: dict[str, Any]) -> None:

@@ -8,8 +8,15 @@ from pathlib import Path
 
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.report import Results, console, print_results, write_report
-from steper_dspy.cli.run import Timings, evaluate_system, load_task, make_teleprompter, teacher_lm, teacher_program
-from steper_dspy.cli.specs import make_lm
+from steper_dspy.cli.run import (
+    Timings,
+    evaluate_system,
+    load_task,
+    make_teleprompter,
+    student_lm,
+    teacher_lm,
+    teacher_program,
+)
 from steper_dspy.errors import SteperError
 
 ALL_STAGES = ("init", "expand", "aggregate")
@@ -72,14 +79,18 @@ def run_benchmark(
     if include_teacher:
         evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
     if include_untrained:
-        evaluate_system(results, timings, "untrained student", config, task, make_lm(config.student), student=True)
+        evaluate_system(
+            results, timings, "untrained student", config, task, student_lm(config, config.student), student=True
+        )
     logs = {}
     for key in systems:
         system = SYSTEMS[key]
         with timings.track(f"train {key}"):
             training = make_teleprompter(system_config(config, system), output=out / key).train()
         logs[key] = training.log_path
-        evaluate_system(results, timings, system.name, config, task, make_lm(str(training.output_dir)), student=True)
+        evaluate_system(
+            results, timings, system.name, config, task, student_lm(config, training.output_dir), student=True
+        )
     print_results(results)
     write_predictions(results, out / "predictions.jsonl")
     details = {

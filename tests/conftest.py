@@ -11,6 +11,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("DSPY_CACHEDIR", str(Path(__file__).resolve().parent.parent / ".dspy_cache" / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Local models generate in process unless a test asks for vLLM (a server start takes minutes).
+os.environ.setdefault("STEPER_ENGINE", "transformers")
 # The test models are tiny: a second thread only adds synchronisation (8 training steps: 1.5 s on one, 15 s on two).
 torch.set_num_threads(1)
 

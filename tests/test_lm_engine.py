@@ -8,11 +8,12 @@ import dspy
 import pytest
 import torch
 from dspy.lm15 import Config, Message, Request
+from dspy.utils.exceptions import ContextWindowExceededError
 from safetensors.torch import load_file, save_file
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm import chat_prompt_ids, chat_training_ids
-from steper_dspy.lm.engine import COMPLETED_MARKER, StopOnStrings, TransformersEngine, cut_at_stop
+from steper_dspy.lm.engine import COMPLETED_MARKER, TransformersEngine, cut_at_stop
 from steper_dspy.lm.local import local_lm
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who was born in Paris?"}]
@@ -57,6 +58,27 @@ def scripted(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(net, "forward", scripted_forward)
     scripted_lm = dspy.LM(engine.model_string, engine=engine, max_tokens=64, temperature=0.0, cache=False)
     yield scripted_lm, step, len(script)
+    engine.close()
+
+
+@pytest.fixture
+def scripted_prose(tiny_model_dir, monkeypatch):
+    """A local LM (marker patience 5) whose model writes "The answer" over and over, never a field marker."""
+    engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64, marker_patience=5)
+    net, tokenizer = engine.load()
+    prose = tokenizer("The answer", add_special_tokens=False)["input_ids"]
+    forward, step = net.forward, [0]
+
+    def prose_forward(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        forced = torch.full_like(output.logits[:, -1, :], -1e9)
+        forced[:, prose[step[0] % len(prose)]] = 0
+        output.logits[:, -1, :] = forced
+        step[0] += 1
+        return output
+
+    monkeypatch.setattr(net, "forward", prose_forward)
+    yield dspy.LM(engine.model_string, engine=engine, max_tokens=64, temperature=0.0, cache=False), 5
     engine.close()
 
 
@@ -113,18 +135,71 @@ def test_async_call(lm):
     assert response.text == lm(_request(lm)).text
 
 
-def test_stop_on_strings_scripted(lm):
-    _, tokenizer = lm.engine.load()
-    prompt = tokenizer(f"prompt {COMPLETED_MARKER} ", add_special_tokens=False)["input_ids"]
-    generated = tokenizer(f"[[ ## answer ## ]]\nParis\n\n{COMPLETED_MARKER}\n", add_special_tokens=False)["input_ids"]
-    criteria = StopOnStrings(tokenizer, [COMPLETED_MARKER], len(prompt))
-    fired = []
-    for i in range(len(generated) + 1):
-        ids = torch.tensor([prompt + generated[:i]])
-        fired.append(bool(criteria(ids, None)[0]))
-        if tokenizer.decode(generated[:i]).endswith(COMPLETED_MARKER):
-            break
-    assert fired[-1] and not any(fired[:-1])  # never on the prompt's marker, at once on the generated one
+QUESTIONS = [f"Who was born in city number {i}?" + " Think." * (i % 3) for i in range(8)]
+
+
+def _ask(lm, question, **config):
+    request = Request(model=lm.model, messages=(Message.user(question),), config=Config(temperature=0.0, **config))
+    return lm(request).text
+
+
+def _count_generate_calls(engine, monkeypatch):
+    net, _ = engine.load()
+    rows = []
+    generate = net.generate
+
+    def counted(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(net, "generate", counted)
+    return rows
+
+
+def test_concurrent_requests_are_batched_with_the_same_greedy_outputs(tiny_model_dir, monkeypatch):
+    sequential = local_lm(tiny_model_dir, dtype="float32", max_tokens=12, cache=False, max_batch_size=1)
+    expected = [_ask(sequential, q) for q in QUESTIONS]
+    batched = local_lm(tiny_model_dir, dtype="float32", max_tokens=12, cache=False, max_batch_size=8)
+    rows = _count_generate_calls(batched.engine, monkeypatch)
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(lambda q: _ask(batched, q), QUESTIONS))
+    assert texts == expected  # left padding changes no greedy output
+    assert sum(rows) == len(QUESTIONS) and max(rows) > 1  # fewer generate calls than requests
+
+
+def test_requests_with_other_settings_go_to_other_batches(tiny_model_dir, monkeypatch):
+    lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_batch_size=8)
+    rows = _count_generate_calls(lm.engine, monkeypatch)
+    jobs = [(q, 3 if i % 2 else 9) for i, q in enumerate(QUESTIONS)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda job: lm(_request_for(lm, *job)), jobs))
+    for (_, max_tokens), response in zip(jobs, responses, strict=True):
+        assert response.usage.output_tokens <= max_tokens
+    assert len(rows) >= 2 and sum(rows) == len(jobs)
+
+
+def _request_for(lm, question, max_tokens):
+    return Request(
+        model=lm.model, messages=(Message.user(question),), config=Config(temperature=0.0, max_tokens=max_tokens)
+    )
+
+
+def test_a_reply_without_a_field_marker_stops_at_the_patience(scripted_prose):
+    lm, patience = scripted_prose
+    response = lm(_request(lm, max_tokens=60))
+    assert response.usage.output_tokens == patience and response.finish_reason == "stop"
+
+
+def test_a_reply_that_begins_a_marker_is_not_stopped(scripted):
+    scripted_lm, _, _ = scripted
+    scripted_lm.engine.marker_patience = 2
+    assert scripted_lm(_request(scripted_lm)).text == f"[[ ## answer ## ]]\nParis\n\n{COMPLETED_MARKER}"
+
+
+def test_a_prompt_beyond_the_context_is_a_clear_error(tiny_model_dir):
+    lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_tokens=8)
+    with pytest.raises(ContextWindowExceededError, match="beyond the model's context of 8192 tokens"):
+        lm(Request(model=lm.model, messages=(Message.user("word " * 9000),), config=Config(max_tokens=8)))
 
 
 def test_cut_at_stop():

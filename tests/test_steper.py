@@ -7,6 +7,7 @@ import dspy
 import pytest
 
 from steper_dspy import SteperError
+from steper_dspy.adapter import SharedPrefixAdapter
 from steper_dspy.compilers import STEPER, StepwiseKD, VanillaKD, load_compiled
 from steper_dspy.programs import IRCoT
 from steper_dspy.retrieval import BM25Retriever
@@ -47,8 +48,8 @@ def test_compile_returns_a_copy_running_on_the_trained_student(compiled):
 
 def test_compiled_program_uses_the_student_adapter_without_json_fallback(compiled):
     _, _, result, _ = compiled
-    adapter = result._student_adapter
-    assert type(adapter) is dspy.ChatAdapter and adapter.use_json_adapter_fallback is False
+    adapter = result._run_adapter
+    assert type(adapter) is SharedPrefixAdapter and adapter.use_json_adapter_fallback is False
     lm = result.initialize.lm
     before = len(lm.history)
     with dspy.context(adapter=dspy.JSONAdapter()), contextlib.suppress(Exception):

@@ -412,7 +412,7 @@ def _train_trl(job: _Job) -> dict[str, Any]:
 
     trl = require("trl", "trl")
     from steper_dspy.lm.models import load_model
-    from steper_dspy.training.train import lora_config
+    from steper_dspy.training.train import checkpointing_arguments, lora_config
 
     config = job.settings.training_config()
     cuda = torch.cuda.is_available()
@@ -431,7 +431,7 @@ def _train_trl(job: _Job) -> dict[str, Any]:
         max_steps=config.max_steps,
         bf16=_use_bf16(job.settings),
         use_cpu=not cuda,
-        activation_checkpointing=False,  # SFTConfig turns it on by default; ours is off
+        **checkpointing_arguments(trl.SFTConfig, False),  # SFTConfig turns it on by default; ours is off
         max_length=config.max_length,
         logging_steps=1,
         save_strategy="steps",

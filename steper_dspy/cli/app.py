@@ -16,11 +16,12 @@ from steper_dspy.cli.run import (
     evaluate_system,
     load_task,
     make_teleprompter,
+    model_lm,
     save_student_program,
+    student_lm,
     teacher_lm,
     teacher_program,
 )
-from steper_dspy.cli.specs import make_lm
 from steper_dspy.cli.speed import speed_app
 from steper_dspy.evals.benchmark import ABLATIONS, MAIN_SYSTEMS, run_benchmark
 
@@ -105,7 +106,18 @@ RolloutsOpt = Annotated[
 StepFilterOpt = Annotated[
     bool | None, typer.Option("--step-filter/--no-step-filter", help="Drop ungrounded steps of kept chains.")
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(help="Parallel LM calls (API teachers). Example: --threads 8")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Parallel LM calls; by default what a local model's engine serves at once (1 for an API model). Example: --threads 8"
+    ),
+]
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="How local models generate: auto (vLLM when installed), vllm (a managed server) or transformers (in process, batched). Example: --engine transformers"
+    ),
+]
 
 
 # The command options that are run settings (the rest, e.g. `--model` of eval, are the command's own).
@@ -144,6 +156,7 @@ def harvest(
     rollouts: RolloutsOpt = None,
     step_filter: StepFilterOpt = None,
     threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Run the teacher program over the training questions and write stage-tagged samples (resumable).
 
@@ -203,6 +216,7 @@ def compile_(
     rollouts: RolloutsOpt = None,
     step_filter: StepFilterOpt = None,
     threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Harvest, train and evaluate: the whole STEPER compile. Writes config.yaml, the compiled program,
     report.md and plots into the output folder.
@@ -234,6 +248,7 @@ def eval_(
     api_base: ApiBaseOpt = None,
     output: OutputOpt = None,
     threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Evaluate a program on a given LM: EM / F1 / accuracy, broken down by question type and hops.
 
@@ -242,7 +257,8 @@ def eval_(
     cfg = _config(**locals())
     task = load_task(cfg)
     timings, results = Timings(), {}
-    evaluate_system(results, timings, model, cfg, task, make_lm(model, api_base=cfg.api_base), student=as_student)
+    lm = model_lm(cfg, model, student=as_student)
+    evaluate_system(results, timings, model, cfg, task, lm, student=as_student)
     print_results(results)
     path = write_report(
         Path(cfg.output),
@@ -263,6 +279,7 @@ def quickstart(
     train_size: TrainSizeOpt = None,
     test_size: TestSizeOpt = None,
     epochs: EpochsOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Compile SmolLM2-135M on the built-in synthetic example with a recorded teacher, offline, in minutes;
     prints the untrained student vs the compiled student vs the teacher.
@@ -291,6 +308,7 @@ def benchmark(
     metric: MetricOpt = None,
     rollouts: RolloutsOpt = None,
     threads: ThreadsOpt = None,
+    engine: EngineOpt = None,
     systems: Annotated[
         str,
         typer.Option(
@@ -317,8 +335,6 @@ def benchmark(
 
 def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, compare_teacher: bool) -> None:
     """Harvest, train, evaluate the chosen systems, print the table and write report.md and plots."""
-    from steper_dspy.lm import local_lm
-
     out = Path(cfg.output)
     cfg.save(out / "config.yaml")
     timings = Timings()
@@ -332,14 +348,14 @@ def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, c
             task.program(cfg), trainset=task.trainset, teacher=teacher_program(cfg, task, teacher)
         )
     if compare_untrained:
-        evaluate_system(results, timings, "untrained student", cfg, task, make_lm(cfg.student), student=True)
+        evaluate_system(results, timings, "untrained student", cfg, task, student_lm(cfg, cfg.student), student=True)
     with timings.track("train"):
         training = teleprompter.train()
-    student_lm = local_lm(training.output_dir)
-    evaluate_system(results, timings, f"STEPER student ({cfg.weighting})", cfg, task, student_lm, student=True)
+    trained = student_lm(cfg, training.output_dir)
+    evaluate_system(results, timings, f"STEPER student ({cfg.weighting})", cfg, task, trained, student=True)
     if compare_teacher:
         evaluate_system(results, timings, "teacher", cfg, task, teacher, student=False)
-    program_dir = save_student_program(cfg, task, training.output_dir, student_lm)
+    program_dir = save_student_program(cfg, task, training.output_dir, trained)
     print_results(results)
     details = {
         "program": cfg.program,

@@ -47,7 +47,9 @@ class RunConfig:
         threshold: Least metric score for a chain to be kept.
         rollouts: Teacher chains per question.
         step_filter: Drop ungrounded steps of kept chains.
-        threads: Parallel LM calls (for API teachers).
+        threads: Parallel LM calls; by default what the LM serves at once (a managed vLLM server's capacity, the
+            in-process engine's batch size), 1 for an API model.
+        engine: How local models generate: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
         training: Training settings (see ``TrainingConfig``).
     """
 
@@ -73,7 +75,8 @@ class RunConfig:
     threshold: float = 1.0
     rollouts: int = 1
     step_filter: bool = False
-    threads: int = 1
+    threads: int | None = None
+    engine: str = "auto"
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ def quickstart_config(
     train_size: int | None = None,
     test_size: int | None = None,
     epochs: float | None = None,
+    engine: str | None = None,
 ) -> RunConfig:
     """The quickstart's run: a replayed teacher unless `teacher` is given (then its calls are recorded in the
     output folder, so a rerun is free)."""
@@ -59,4 +60,5 @@ def quickstart_config(
         metric="em",
         teacher_max_tokens=128,
         training=training,
+        engine=engine or "auto",
     )

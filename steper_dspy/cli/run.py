@@ -7,11 +7,13 @@ from typing import Any
 
 import dspy
 
+from steper_dspy.adapter import teacher_adapter
 from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.report import Results
-from steper_dspy.cli.specs import make_lm, make_program
+from steper_dspy.cli.specs import is_api_model, make_lm, make_program
 from steper_dspy.compilers import STEPER, GroundedStepFilter
-from steper_dspy.compilers.student import run_on_student, save_compiled
+from steper_dspy.compilers.student import run_on_student, run_with_adapter, save_compiled
+from steper_dspy.compilers.student import student_lm as make_student_lm
 from steper_dspy.errors import SteperError
 from steper_dspy.evals import METRICS, EvaluationReport, evaluate_program, load_multihop, train_test_split
 from steper_dspy.programs.demos import ircot_demos, with_demos
@@ -93,7 +95,7 @@ def teacher_lm(config: RunConfig) -> dspy.LM:
 
     live = None
     if config.teacher:
-        live = make_lm(config.teacher, api_base=config.api_base, max_tokens=config.teacher_max_tokens)
+        live = model_lm(config, config.teacher, student=False, max_tokens=config.teacher_max_tokens)
     if config.recording:
         return recorded_lm(config.recording, live)
     if live is None:
@@ -108,7 +110,7 @@ def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, testset: TestSet
     if config.teacher_demos and config.program == "ircot":
         with_demos(program, ircot_demos())
     program.set_lm(lm)
-    return program
+    return run_with_adapter(program, teacher_adapter())
 
 
 def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, progress: bool = True) -> STEPER:
@@ -138,6 +140,24 @@ def run_eval(
         run_on_student(task.program(config, testset), lm) if student else teacher_program(config, task, lm, testset)
     )
     return evaluate_program(program, testset.examples, num_threads=config.threads, display_progress=progress)
+
+
+def student_lm(config: RunConfig, model: str | Path) -> dspy.LM:
+    """A student model of the run as an LM, on the run's engine (a vLLM server logs into the output folder)."""
+    return make_student_lm(model, engine=config.engine, server_log=_server_log(config, model))
+
+
+def model_lm(config: RunConfig, spec: str, *, student: bool, **kwargs: Any) -> dspy.LM:
+    """The LM for `spec` (an API model string or a local model) on the run's engine and endpoint; a local
+    student stops replies that cannot parse early (see :func:`steper_dspy.compilers.student.student_lm`)."""
+    if student and not is_api_model(spec):
+        return student_lm(config, spec)
+    engine = None if config.engine == "auto" else config.engine
+    return make_lm(spec, api_base=config.api_base, engine=engine, server_log=_server_log(config, spec), **kwargs)
+
+
+def _server_log(config: RunConfig, model: str | Path) -> Path:
+    return Path(config.output) / f"vllm-{Path(str(model)).name}.log"
 
 
 def evaluate_system(

@@ -25,7 +25,15 @@ def is_api_model(spec: str) -> bool:
     return provider in {str(getattr(p, "value", p)) for p in litellm.provider_list}
 
 
-def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **kwargs: Any) -> dspy.LM:
+def make_lm(
+    spec: str,
+    *,
+    api_base: str | None = None,
+    max_tokens: int = 256,
+    engine: str | None = None,
+    server_log: str | Path | None = None,
+    **kwargs: Any,
+) -> dspy.LM:
     """Build a DSPy LM from a spec: a litellm/DSPy model string, a hub id, a local folder or a GGUF file.
 
     Args:
@@ -33,6 +41,9 @@ def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **
             ``ollama_chat/llama3``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``./my-model`` or ``model.gguf``.
         api_base: The endpoint of an API model served locally or remotely.
         max_tokens: Token limit per call.
+        engine: For an API model, DSPy's client engine (``litellm``, ``auto``); for a local one, how it
+            generates: ``auto``, ``vllm`` or ``transformers`` (see :func:`steper_dspy.lm.local_lm`).
+        server_log: Where a vLLM server started for a local model writes its log.
         **kwargs: Passed on to ``dspy.LM`` or :func:`steper_dspy.lm.local_lm`.
 
     Raises:
@@ -44,6 +55,8 @@ def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **
         elif _missing_keys(spec):
             # A local server (vLLM, transformers serve, ...) needs no key, but the clients refuse to send none.
             kwargs.setdefault("api_key", "EMPTY")
+        if engine is not None:
+            kwargs["engine"] = engine
         return dspy.LM(spec, api_base=api_base, max_tokens=max_tokens, temperature=0.0, **kwargs)
     if api_base is not None:
         raise SteperError(
@@ -52,7 +65,7 @@ def make_lm(spec: str, *, api_base: str | None = None, max_tokens: int = 256, **
         )
     from steper_dspy.lm import local_lm
 
-    return local_lm(spec, max_tokens=max_tokens, **kwargs)
+    return local_lm(spec, max_tokens=max_tokens, engine=engine or "auto", server_log=server_log, **kwargs)
 
 
 def _missing_keys(spec: str) -> list[str]:

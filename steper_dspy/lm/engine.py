@@ -6,16 +6,18 @@ import copy
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from dspy.clients.engines.base import validate_request
-from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import ContextLengthError, Message, Request, Response, TextPart, Usage, response_to_events
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from steper_dspy.errors import SteperError
+from steper_dspy.lm.batching import GenerationBatcher
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
@@ -26,30 +28,37 @@ from steper_dspy.lm.threaded import ThreadedAsyncEngine
 COMPLETED_MARKER = "[[ ## completed ## ]]"
 
 
-class StopOnStrings(StoppingCriteria):
-    """Stop generation once the generated text (after the prompt) contains any of the given strings.
+class NoFieldMarker(StoppingCriteria):
+    """Stop a row that has generated `patience` tokens without starting a ChatAdapter field marker.
+
+    Every reply the ChatAdapter can parse holds a ``[[ ## field ## ]]`` header; a model that has not begun one
+    after a few dozen tokens (an untrained student answering in prose) will not produce a parseable reply, so
+    its remaining tokens are not worth generating.
 
     Args:
         tokenizer: The tokenizer that decodes the generated ids.
-        stops: Strings that end the generation.
-        prompt_length: Number of prompt tokens at the start of `input_ids`, never searched.
+        prompt_length: Width of the (left-padded) prompt block at the start of `input_ids`.
+        patience: Generated tokens allowed before the first ``[[`` of a marker.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_length: int):
+    def __init__(self, tokenizer: Any, prompt_length: int, patience: int):
         self.tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
         self.prompt_length = prompt_length
-        # Every token decodes to at least one character, so a stop string completed by the newest token lies
-        # within its last len(stop) tokens (+1 for a token that straddles the string's start).
-        self.window = max((len(s) for s in self.stops), default=0) + 1
+        self.patience = patience
+        self._begun: set[int] = set()  # rows that have begun a marker: never stopped by this criterion
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        done = []
-        for row in input_ids:
-            tail = row[max(self.prompt_length, row.shape[0] - self.window) :]
-            text = self.tokenizer.decode(tail, skip_special_tokens=False)
-            done.append(any(stop in text for stop in self.stops))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] - self.prompt_length < self.patience:
+            return done
+        for row, ids in enumerate(input_ids[:, self.prompt_length :]):
+            if row in self._begun:
+                continue
+            if "[[" in self.tokenizer.decode(ids, skip_special_tokens=True):
+                self._begun.add(row)
+            else:
+                done[row] = True
+        return done
 
 
 def cut_at_stop(text: str, stops: Sequence[str], *, keep: Sequence[str] = (COMPLETED_MARKER,)) -> tuple[str, bool]:
@@ -86,7 +95,7 @@ class _Loaded:
     model: Any
     tokenizer: Any
     eos_ids: set[int]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: GenerationBatcher | None = None
 
 
 # Engines built with the same settings (copies, reloaded programs) share one loaded model while any is alive.
@@ -94,8 +103,24 @@ _LOADED: weakref.WeakValueDictionary[tuple, _Loaded] = weakref.WeakValueDictiona
 _LOADED_LOCK = threading.Lock()
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What must be equal across the requests of one batch."""
+
+    max_new_tokens: int
+    stops: tuple[str, ...]
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    marker_patience: int | None
+
+
 class TransformersEngine:
     """Generates with a local Hugging Face causal LM, loaded lazily once and shared by DSPy's threads.
+
+    Concurrent requests (DSPy's threads) with the same generation settings are batched into one left-padded
+    `generate` of up to `max_batch_size` prompts; `max_batch_size=1` generates one request at a time.
 
     Honours `Request.config`: greedy decoding when temperature is 0 or None, sampling otherwise (with
     top_p/top_k/seed when given), `max_tokens` (else the engine's default), and `stop` strings. Generation also
@@ -107,6 +132,9 @@ class TransformersEngine:
         dtype: `"auto"` or a torch dtype name (see `default_dtype`).
         device: `"auto"` (cuda if available, else cpu) or a torch device string.
         max_tokens: New-token limit for requests that set none.
+        max_batch_size: Most requests generated together.
+        marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
+            (for a student, whose reply is unparseable without one); None never stops early.
     """
 
     def __init__(
@@ -117,12 +145,16 @@ class TransformersEngine:
         dtype: str = "auto",
         device: str = "auto",
         max_tokens: int = 256,
+        max_batch_size: int = 8,
+        marker_patience: int | None = None,
     ):
         self.model = _portable(model)
         self.adapter = None if adapter is None else _portable(adapter)
         self.dtype = str(dtype).removeprefix("torch.")
         self.device = device
         self.max_tokens = max_tokens
+        self.max_batch_size = max_batch_size
+        self.marker_patience = marker_patience
         self._loaded: _Loaded | None = None
         self._fingerprint: str | None = None
 
@@ -144,6 +176,11 @@ class TransformersEngine:
             name = f"{name}+{Path(self.adapter).name}"
         return f"steper-local/{name}@{self.fingerprint}"
 
+    @property
+    def max_concurrency(self) -> int:
+        """How many requests the engine serves at once: DSPy threads beyond it only wait."""
+        return self.max_batch_size
+
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return `(model, tokenizer)`."""
         loaded = self._ensure_loaded()
@@ -158,9 +195,20 @@ class TransformersEngine:
         except SteperError as exc:
             raise engine_error(exc, request.model) from exc
         config = request.config
-        stops = list(config.stop or ())
+        stops = tuple(config.stop or ())
         max_new = config.max_tokens or self.max_tokens
-        new_ids = self._generate(loaded, prompt, stops, max_new, config)
+        _check_context(loaded.model, len(prompt), max_new, request)
+        sample = bool(config.temperature)
+        settings = _Settings(
+            max_new_tokens=max_new,
+            stops=stops,
+            temperature=config.temperature if sample else None,
+            top_p=config.top_p if sample else None,
+            top_k=config.top_k if sample else None,
+            seed=config.seed if sample else None,
+            marker_patience=self.marker_patience,
+        )
+        new_ids = loaded.batcher.generate(prompt, settings)
         ended_on_eos = bool(new_ids) and new_ids[-1] in loaded.eos_ids
         text, stopped = cut_at_stop(loaded.tokenizer.decode(new_ids, skip_special_tokens=True), stops)
         finish = "stop" if ended_on_eos or stopped or len(new_ids) < max_new else "length"
@@ -169,34 +217,11 @@ class TransformersEngine:
             id=None, model=request.model, message=Message.assistant([TextPart(text)]), finish_reason=finish, usage=usage
         )
 
-    def _generate(self, loaded: _Loaded, prompt: list[int], stops: list[str], max_new: int, config: Any) -> list[int]:
-        net, tokenizer = loaded.model, loaded.tokenizer
-        generation = copy.deepcopy(net.generation_config)
-        sample = bool(config.temperature)
-        generation.do_sample = sample
-        generation.max_new_tokens = max_new
-        generation.max_length = None
-        generation.eos_token_id = sorted(loaded.eos_ids)
-        generation.temperature = config.temperature if sample else None
-        generation.top_p = config.top_p if sample else None
-        generation.top_k = config.top_k if sample else None
-        input_ids = torch.tensor([prompt], device=net.device)
-        criteria = StoppingCriteriaList([StopOnStrings(tokenizer, [COMPLETED_MARKER, *stops], len(prompt))])
-        with loaded.lock, torch.inference_mode():
-            if sample and config.seed is not None:
-                torch.manual_seed(config.seed)
-            output = net.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=generation,
-                stopping_criteria=criteria,
-            )
-        return output[0, len(prompt) :].tolist()
-
     def _ensure_loaded(self) -> _Loaded:
         if self._loaded is not None:
             return self._loaded
-        key = (self.model, self.adapter, self.dtype, default_device() if self.device == "auto" else self.device)
+        device = default_device() if self.device == "auto" else self.device
+        key = (self.model, self.adapter, self.dtype, device, self.max_batch_size)
         with _LOADED_LOCK:
             loaded = _LOADED.get(key)
             if loaded is None:
@@ -205,6 +230,12 @@ class TransformersEngine:
                 eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
                 eos_ids.add(tokenizer.eos_token_id)
                 loaded = _Loaded(model, tokenizer, eos_ids)
+                # The worker holds the model weakly, so that it is freed (and the worker ends) with its engines.
+                batcher = GenerationBatcher(
+                    partial(_generate_batch, weakref.proxy(loaded)), max_batch_size=self.max_batch_size
+                )
+                loaded.batcher = batcher
+                weakref.finalize(loaded, batcher.close)
                 _LOADED[key] = loaded
             self._loaded = loaded
         return loaded
@@ -225,6 +256,8 @@ class TransformersEngine:
             "dtype": self.dtype,
             "device": self.device,
             "max_tokens": self.max_tokens,
+            "max_batch_size": self.max_batch_size,
+            "marker_patience": self.marker_patience,
             "fingerprint": self.fingerprint,
         }
 
@@ -241,6 +274,57 @@ class TransformersEngine:
                 "at the new weights with local_lm(...) and save it again, or restore the original files."
             )
         return engine
+
+
+def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settings) -> list[list[int]]:
+    """One left-padded `generate` over prompts that share `settings`; the new ids of each, cut at its end."""
+    net, tokenizer = loaded.model, loaded.tokenizer
+    generation = copy.deepcopy(net.generation_config)
+    generation.do_sample = settings.temperature is not None
+    generation.max_new_tokens = settings.max_new_tokens
+    generation.max_length = None
+    generation.eos_token_id = sorted(loaded.eos_ids)
+    generation.temperature = settings.temperature
+    generation.top_p = settings.top_p
+    generation.top_k = settings.top_k
+    generation.stop_strings = [COMPLETED_MARKER, *settings.stops]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=net.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=net.device)
+    criteria = StoppingCriteriaList()
+    if settings.marker_patience is not None:
+        criteria.append(NoFieldMarker(tokenizer, width, settings.marker_patience))
+    with torch.inference_mode():
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        output = net.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation,
+            stopping_criteria=criteria,
+            tokenizer=tokenizer,
+        )
+    return [_generated(row, loaded.eos_ids, pad) for row in output[:, width:].tolist()]
+
+
+def _generated(row: list[int], eos_ids: set[int], pad: int) -> list[int]:
+    """A row's new ids up to and including its eos; a row stopped by a stop string is padded after it."""
+    for index, token in enumerate(row):
+        if token in eos_ids:
+            return row[: index + 1]
+    while row and row[-1] == pad:
+        row = row[:-1]
+    return row
+
+
+def _check_context(model: Any, prompt_length: int, max_new: int, request: Request) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_length + max_new > limit:
+        raise ContextLengthError(
+            f"The prompt has {prompt_length} tokens and asks for up to {max_new} more, beyond the model's context of "
+            f"{limit} tokens: retrieve fewer passages (k, max_steps) or lower max_tokens."
+        )
 
 
 class AsyncTransformersEngine(ThreadedAsyncEngine):

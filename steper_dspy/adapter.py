@@ -1,0 +1,83 @@
+"""The prompt layout of staged programs: DSPy's ChatAdapter, reordered so that the steps of a chain share a prefix.
+
+DSPy's ChatAdapter opens every prompt with a system message built from the signature (its fields and its
+instructions), so the init, expand and aggregate prompts of one chain differ from their first token and every
+step recomputes the question and every passage seen so far. `SharedPrefixAdapter` keeps the ChatAdapter's
+field markers and parsing but moves everything that depends on the signature behind the inputs:
+
+    system:  one message, the same for every predictor (what the field markers mean)
+    demos:   user/assistant pairs, each laid out like the request below
+    user:    [[ ## question ## ]] ... [[ ## passages ## ]] [...] [[ ## rationales ## ]] [...]
+             the step's objective, its input and output fields, the answer-format reminder
+
+Consecutive steps of a chain then share the system message, the question and the passages of the earlier step
+(passages are only ever appended), and a prefix-caching server (vLLM) or a packed training batch computes them
+once. Training samples are formatted by the same adapter (`format_finetune_data`), so the student is trained
+on exactly the prompts it is asked at inference.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import dspy
+from dspy.adapters.utils import get_field_description_string
+from dspy.signatures.signature import Signature
+
+SYSTEM_MESSAGE = (
+    "You carry out one step of a multi-step question-answering program. Each request gives its input fields, "
+    "each after a header of the form [[ ## name ## ]], then the objective of the step and its output fields. "
+    "Write every output field after its own [[ ## name ## ]] header, in the order given, and end with "
+    "[[ ## completed ## ]]."
+)
+
+
+class SharedPrefixAdapter(dspy.ChatAdapter):
+    """A `dspy.ChatAdapter` whose system message is the same for every signature, with the step-specific
+    instructions after the inputs, so that the prompts of a chain's steps share their longest prefix.
+
+    Parsing, field formatting, demos and the JSON fallback are the ChatAdapter's.
+
+    Args:
+        **kwargs: `dspy.ChatAdapter` arguments (e.g. ``use_json_adapter_fallback=False``).
+    """
+
+    def format_system_message(self, signature: type[Signature]) -> str:
+        return SYSTEM_MESSAGE
+
+    def format_user_message_content(
+        self,
+        signature: type[Signature],
+        inputs: dict[str, Any],
+        prefix: str = "",
+        suffix: str = "",
+        main_request: bool = False,
+    ) -> str:
+        # The inputs first, without the output-format reminder; the step's own text after them.
+        fields = super().format_user_message_content(signature, inputs, prefix=prefix)
+        parts = [fields, self.format_step_description(signature)]
+        if main_request and (requirements := self.user_message_output_requirements(signature)):
+            parts.append(requirements)
+        parts.append(suffix)
+        return "\n\n".join(part for part in parts if part).strip()
+
+    def format_step_description(self, signature: type[Signature]) -> str:
+        """The signature's objective and output fields, which the ChatAdapter puts in the system message."""
+        instructions = textwrap.dedent(signature.instructions).strip()
+        return (
+            f"Your objective: {instructions}\n\n"
+            f"Your output fields are:\n{get_field_description_string(signature.output_fields)}"
+        )
+
+
+def teacher_adapter() -> SharedPrefixAdapter:
+    """The adapter a teacher runs with: the shared-prefix layout, with DSPy's JSON fallback for a reply it
+    cannot parse (a second chance that costs one more call, never a sample: samples are formatted anew)."""
+    return SharedPrefixAdapter()
+
+
+def student_adapter() -> SharedPrefixAdapter:
+    """The adapter a student runs with: the one its training prompts were formatted with, and no JSON
+    fallback, so a parse failure never triggers a second generation in a format it never saw."""
+    return SharedPrefixAdapter(use_json_adapter_fallback=False)
