@@ -16,6 +16,7 @@ from steper_dspy.compilers.store import HarvestStore
 from steper_dspy.compilers.student import run_on_student, save_compiled, student_lm
 from steper_dspy.errors import SteperError
 from steper_dspy.evals.metrics import answer_exact_match
+from steper_dspy.lm.local import program_concurrency
 from steper_dspy.programs.stages import predictor_stages
 from steper_dspy.training import TrainingConfig, TrainingResult, train_student
 
@@ -48,7 +49,8 @@ class STEPER(Teleprompter):
         step_filter: Drops single ungrounded steps of kept chains (e.g. ``GroundedStepFilter()``).
         harvest_path: The harvest JSONL (default ``<output_dir>/harvest.jsonl``); share it between
             compilers to train them all on the same chains.
-        num_threads: Parallel teacher calls.
+        num_threads: Parallel teacher calls; by default what the teacher's LM serves at once (see
+            :func:`steper_dspy.lm.program_concurrency`), 1 for an API model.
         lm_kwargs: Passed to :func:`steper_dspy.compilers.student_lm` for the returned student LM.
         progress: Show progress bars.
     """
@@ -70,7 +72,7 @@ class STEPER(Teleprompter):
         rollout_temperature: float = 0.7,
         step_filter: StepFilter | None = None,
         harvest_path: str | Path | None = None,
-        num_threads: int = 1,
+        num_threads: int | None = None,
         lm_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
     ):
@@ -158,7 +160,7 @@ class STEPER(Teleprompter):
             rollout_temperature=self.rollout_temperature,
             step_filter=self.step_filter,
             adapter=student_adapter(),
-            num_threads=self.num_threads,
+            num_threads=self.num_threads or program_concurrency(teacher),
             progress=self.progress,
         )
         logger.info(report.summary())

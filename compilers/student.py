@@ -1,9 +1,9 @@
 """Running a program on a trained student: its LM, its adapter, and saving/loading it as a folder."""
 
+import functools
 import importlib
 import json
 from pathlib import Path
-from types import MethodType
 from typing import Any
 
 import dspy
@@ -49,16 +49,34 @@ def run_on_student(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter | No
 
 
 def run_with_adapter(program: dspy.Module, adapter: dspy.Adapter) -> dspy.Module:
-    """Make `program` (modified in place and returned) run under ``dspy.context(adapter=adapter)``."""
+    """Make `program` (modified in place and returned) run under ``dspy.context(adapter=adapter)``.
+
+    The program's class is swapped for a subclass whose `forward` enters the context, so that every copy
+    (``deepcopy``, DSPy's optimizers, rollouts) runs under it too; the subclass carries the original class's
+    name and module, so a saved program names the original class.
+    """
     program._run_adapter = adapter
-    # An instance-level forward (as dspy's bootstrap_trace_data does); a MethodType survives deepcopy.
-    program.forward = MethodType(_forward_with_adapter, program)
+    program.__class__ = _adapter_scoped(_base_class(type(program)))
     return program
 
 
-def _forward_with_adapter(self: dspy.Module, **kwargs: Any) -> Any:
-    with dspy.context(adapter=self._run_adapter):
-        return type(self).forward(self, **kwargs)
+@functools.cache
+def _adapter_scoped(cls: type) -> type:
+    def forward(self: dspy.Module, **kwargs: Any) -> Any:
+        with dspy.context(adapter=self._run_adapter):
+            return cls.forward(self, **kwargs)
+
+    namespace = {
+        "forward": forward,
+        "_adapter_base": cls,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _base_class(cls: type) -> type:
+    return cls.__dict__.get("_adapter_base", cls)
 
 
 def save_compiled(program: dspy.Module, path: str | Path, *, model_dir: str | Path) -> Path:
@@ -86,7 +104,7 @@ def save_compiled(program: dspy.Module, path: str | Path, *, model_dir: str | Pa
         model_ref = str(model_dir.relative_to(path.resolve()))
     except ValueError:
         model_ref = str(model_dir)
-    cls = type(program)
+    cls = _base_class(type(program))
     manifest = {
         "program": f"{cls.__module__}:{cls.__qualname__}",
         "init": {key: getattr(program, key) for key in ("k", "max_steps") if hasattr(program, key)},

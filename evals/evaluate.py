@@ -12,6 +12,7 @@ import dspy
 
 from steper_dspy.errors import SteperError
 from steper_dspy.evals.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
+from steper_dspy.lm.local import program_concurrency
 
 
 @dataclass
@@ -32,6 +33,8 @@ class EvaluationReport:
             `hops`, `recall`, `failed`.
         seconds: Wall time of the evaluation.
         completion_tokens: Tokens the LMs generated during the evaluation (as their responses report them).
+        prompt_tokens: Prompt tokens the LMs were sent.
+        cached_prompt_tokens: Those of them a prefix cache served (as a vLLM server reports them; 0 in process).
     """
 
     em: float
@@ -45,10 +48,14 @@ class EvaluationReport:
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
     def summary(self) -> dict[str, float | None]:
         """The headline numbers as one flat dict: em, f1, accuracy, failures, avg_steps, recall, n, seconds per
-        question and generated tokens per second of evaluation wall time."""
+        question, generated tokens per second of evaluation wall time, and prompt tokens per question computed
+        and served from a prefix cache."""
+        n = len(self.rows)
         return {
             "em": self.em,
             "f1": self.f1,
@@ -59,6 +66,8 @@ class EvaluationReport:
             "n": len(self.rows),
             "s/question": self.seconds / len(self.rows) if self.rows else None,
             "tokens/s": self.completion_tokens / self.seconds if self.seconds else None,
+            "prompt tokens/question": (self.prompt_tokens - self.cached_prompt_tokens) / n if n else None,
+            "cached prompt tokens/question": self.cached_prompt_tokens / n if n else None,
         }
 
 
@@ -66,7 +75,7 @@ def evaluate_program(
     program: dspy.Module,
     devset: list[dspy.Example],
     *,
-    num_threads: int = 1,
+    num_threads: int | None = None,
     display_progress: bool = True,
     lm: dspy.LM | None = None,
 ) -> EvaluationReport:
@@ -81,7 +90,8 @@ def evaluate_program(
             `passages` (strings "Title | text") and `steps`.
         devset: The questions (`dspy.Example`s with `answer`, optionally `answer_aliases`, `supporting_titles`,
             `type`, `hops`).
-        num_threads: Parallel threads for `dspy.Evaluate`.
+        num_threads: Parallel threads for `dspy.Evaluate`; by default what the program's LM serves at once (see
+            :func:`steper_dspy.lm.program_concurrency`).
         display_progress: Show DSPy's progress bar.
         lm: Run under `dspy.context(lm=lm)`; by default the configured LM (or the program's own) is used.
 
@@ -93,6 +103,9 @@ def evaluate_program(
     """
     if not devset:
         raise SteperError("The devset is empty: pass at least one question to evaluate.")
+    if num_threads is None:
+        with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
+            num_threads = program_concurrency(program)
     evaluator = dspy.Evaluate(
         devset=devset,
         metric=_score,
@@ -107,7 +120,8 @@ def evaluate_program(
     with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext(), _quiet_failures():
         result = evaluator(scoring)
     report = _report([_row(example, scored) for example, scored, _ in result.results])
-    report.seconds, report.completion_tokens = time.perf_counter() - start, scoring.completion_tokens
+    report.seconds = time.perf_counter() - start
+    report.completion_tokens, report.prompt_tokens, report.cached_prompt_tokens = scoring.tokens
     return report
 
 
@@ -122,12 +136,13 @@ class _Scored:
 
 
 class _Scoring:
-    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`, and counts the tokens the LMs
-    generated, failed calls included (each worker thread gets its own usage tracker, so count per call)."""
+    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`, and counts the tokens of its LM
+    calls, failed calls included (each worker thread gets its own usage tracker, so count per call):
+    `tokens` is (generated, prompt, prompt served from cache)."""
 
     def __init__(self, program: dspy.Module) -> None:
         self.program = program
-        self.completion_tokens = 0
+        self.tokens = (0, 0, 0)
         self._lock = threading.Lock()
 
     def __call__(self, **inputs: Any) -> _Scored:
@@ -135,9 +150,19 @@ class _Scoring:
             try:
                 return _Scored(self.program(**inputs))
             finally:
-                tokens = sum(u.get("completion_tokens") or 0 for u in usage.get_total_tokens().values())
+                counts = [usage_counts(u) for u in usage.get_total_tokens().values()]
                 with self._lock:
-                    self.completion_tokens += tokens
+                    self.tokens = tuple(map(sum, zip(self.tokens, *counts, strict=True)))
+
+
+def usage_counts(usage: dict[str, Any]) -> tuple[int, int, int]:
+    """(generated, prompt, prompt served from cache) tokens of a DSPy usage entry, as litellm (completion/prompt
+    tokens, prompt_tokens_details.cached_tokens) or DSPy's own engines (output/input, cache_read) report them."""
+    details = usage.get("prompt_tokens_details") or {}
+    generated = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+    prompt = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    cached = details.get("cached_tokens") or usage.get("cache_read_tokens") or 0
+    return int(generated), int(prompt), int(cached)
 
 
 def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:

@@ -33,12 +33,15 @@ class ScriptedEngine:
     def complete(self, request):
         with self._lock:
             self.calls += 1
-        user = request.messages[-1].text
+        return self._response(self.reply(request.messages[-1].text))
+
+    def reply(self, user: str) -> str:
+        """The scripted reply to a request whose last user message is `user`."""
         question = re.search(r"\[\[ ## question ## \]\]\n(.*?)\n\n", user, re.S).group(1)
         if question in self.fail:
             raise RuntimeError(f"teacher down for {question}")
         if question in self.garbage:
-            return self._response("I cannot follow formats.")
+            return "I cannot follow formats."
         rationales = self.script[question]
         done = re.search(r"\[\[ ## rationales ## \]\]\n(.*?)\n\n", user, re.S)
         n = len(json.loads(done.group(1))) if done else 0
@@ -49,7 +52,7 @@ class ScriptedEngine:
         else:
             last = n >= len(rationales) - 1
             text = f"[[ ## rationale ## ]]\n{rationales[min(n, len(rationales) - 1)]}\n\n[[ ## sufficient ## ]]\n{last}"
-        return self._response(text + "\n\n[[ ## completed ## ]]")
+        return text + "\n\n[[ ## completed ## ]]"
 
     @staticmethod
     def _response(text):

@@ -153,3 +153,24 @@ def test_corrupt_harvest_line_names_the_file_and_line(tmp_path):
 
     with pytest.raises(SteperError, match="line 2"):
         HarvestStore(path)
+
+
+def test_a_copy_of_an_adapter_scoped_teacher_runs_its_own_predictors_under_the_adapter():
+    import threading
+
+    from steper_dspy.adapter import SharedPrefixAdapter, teacher_adapter
+    from steper_dspy.compilers.student import run_with_adapter
+
+    lm, _ = scripted_teacher(SCRIPT, ANSWERS)
+    program = IRCoT(ListRetriever(PASSAGES), k=2)
+    program.set_lm(lm)
+    program.lock = threading.Lock()  # an attribute that cannot be deep-copied, as a recording LM's lock
+    run_with_adapter(program, teacher_adapter())
+    copy = program.deepcopy()  # what rollouts and DSPy's BootstrapFewShot do
+    assert isinstance(copy, IRCoT) and isinstance(copy._run_adapter, SharedPrefixAdapter)
+    with dspy.context(trace=[]):
+        copy(question="Where was Alpha born?")
+        called = {id(predictor) for predictor, _, _ in dspy.settings.trace}
+    assert called == {id(p) for p in copy.predictors()}  # not the original's predictors
+    request = lm.history[-1]["messages"]
+    assert request[0]["content"] == teacher_adapter().format_system_message(None)

@@ -62,7 +62,10 @@ def test_compiled_program_uses_the_student_adapter_without_json_fallback(compile
 def test_saved_program_folder_loads_back_with_the_same_model(compiled):
     _, _, result, out = compiled
     loaded = load_compiled(out / "program")
-    assert type(loaded) is IRCoT and loaded.k == 1 and loaded.max_steps == 5
+    assert (
+        isinstance(loaded, IRCoT) and type(loaded).__qualname__ == "IRCoT" and loaded.k == 1 and loaded.max_steps == 5
+    )
+    assert isinstance(loaded._run_adapter, SharedPrefixAdapter) and loaded.deepcopy()._run_adapter is not None
     assert loaded.initialize.lm.model == result.initialize.lm.model
     prompt = "Where was Alpha born?"
     assert loaded.initialize.lm(prompt) == result.initialize.lm(prompt)

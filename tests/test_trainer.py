@@ -6,7 +6,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from steper_dspy.training import TrainingConfig, train_student
-from steper_dspy.training.data import StageCollator, build_training_data, data_hash, validate_samples
+from steper_dspy.training.data import (
+    StageCollator,
+    build_training_data,
+    data_hash,
+    tokenize_sample,
+    validate_samples,
+)
 from steper_dspy.training.trainer import StageTrainer
 from steper_dspy.training.weighting import StageWeighting
 
@@ -160,15 +166,16 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_batch_loss_is_independent_of_padding_and_logit_trimming(tiny_model_dir, tmp_path):
+def test_batch_loss_is_independent_of_padding_packing_and_logit_trimming(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    features = build_training_data(validate_samples(_samples(6)), tokenizer, STAGES, 1024).features
+    samples = validate_samples(_samples(6))
+    encoded = [tokenize_sample(tokenizer, s) for s in samples]
     with torch.no_grad():
         references = [
-            model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss for f in features
+            model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss for e in encoded
         ]
-    targets = [sum(label != -100 for label in f["labels"]) for f in features]
+    targets = [sum(label != -100 for label in e["labels"]) for e in encoded]
     expected = sum(r.item() * n for r, n in zip(references, targets, strict=True)) / sum(targets)
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", bf16=False)
@@ -176,7 +183,46 @@ def test_batch_loss_is_independent_of_padding_and_logit_trimming(tiny_model_dir,
     assert trainer._trim_logits
     pad = tokenizer.pad_token_id
     with torch.no_grad():
-        for side, trim in (("left", True), ("left", False), ("right", True)):
-            trainer._trim_logits = trim
-            loss = trainer.compute_loss(model, StageCollator(pad, padding_side=side)(features))
-            assert loss.item() == pytest.approx(expected, abs=1e-5), (side, trim)
+        for pack in (False, True):
+            features = build_training_data(samples, tokenizer, STAGES, 1024, pack=pack).features
+            assert len(features) == (2 if pack else 6)  # two chains of three steps
+            for trim in (True, False):
+                trainer._trim_logits = trim
+                loss = trainer.compute_loss(model, StageCollator(pad)(features))
+                assert loss.item() == pytest.approx(expected, abs=1e-5), (pack, trim)
+
+
+def test_packed_chains_give_the_per_stage_losses_and_gradients_of_unpacked_samples(tiny_model_dir):
+    from steper_dspy.training.trainer import target_token_losses
+    from steper_dspy.training.weighting import stage_token_losses
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").train()
+    samples = validate_samples(_samples(9))
+    results = []
+    for pack in (False, True):
+        features = build_training_data(samples, tokenizer, STAGES, 1024, pack=pack).features
+        model.zero_grad()
+        losses, stages = target_token_losses(model, StageCollator(tokenizer.pad_token_id)(features))
+        per_stage, counts = stage_token_losses(losses, stages, len(STAGES))
+        per_stage.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((per_stage.detach(), counts, grads))
+    (unpacked, unpacked_counts, unpacked_grads), (packed, packed_counts, packed_grads) = results
+    assert torch.equal(unpacked_counts, packed_counts)
+    assert torch.allclose(unpacked, packed, atol=1e-4)
+    assert torch.allclose(unpacked_grads, packed_grads, atol=1e-4)
+
+
+def test_packed_chains_work_with_eager_attention(tiny_model_dir):
+    from steper_dspy.training.trainer import target_token_losses
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    samples = validate_samples(_samples(6))
+    losses = []
+    for implementation, pack in (("sdpa", False), ("eager", True)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).eval()
+        features = build_training_data(samples, tokenizer, STAGES, 1024, pack=pack).features
+        with torch.no_grad():
+            losses.append(target_token_losses(model, StageCollator(tokenizer.pad_token_id)(features))[0].mean())
+    assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-4)

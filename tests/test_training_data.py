@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from steper_dspy.errors import SteperError
@@ -12,6 +11,7 @@ from steper_dspy.training.data import (
     tokenize_sample,
     validate_samples,
 )
+from steper_dspy.training.packing import ancestor_mask, linear_feature, pack_steps
 
 TARGET = "[[ ## rationale ## ]]\nSo the answer is: Paris.\n\n[[ ## completed ## ]]"
 
@@ -81,11 +81,14 @@ def test_bad_samples_raise_naming_index_and_field(broken, field):
 
 def test_stage_filter_keeps_only_the_configured_stages(tokenizer):
     samples = validate_samples([_sample(s) for s in ("init", "expand", "aggregate", "expand", "init")])
-    data = build_training_data(samples, tokenizer, ("init", "aggregate"), max_length=1024)
+    data = build_training_data(samples, tokenizer, ("init", "aggregate"), max_length=1024, pack=False)
     assert data.num_samples == {"init": 2, "aggregate": 1}
     assert data.skipped == {"expand": 2}
-    assert [f["stage_ids"] for f in data.features] == [0, 1, 0]
+    assert [max(f["label_stages"]) for f in data.features] == [0, 1, 0]
     assert all(f["length"] == len(f["input_ids"]) for f in data.features)
+    packed = build_training_data(samples, tokenizer, ("init", "aggregate"), max_length=1024)
+    assert len(packed.features) == 1 and packed.num_samples == data.num_samples  # one chain (example q1)
+    assert sorted(set(packed.features[0]["label_stages"]) - {-1}) == [0, 1]
 
 
 def test_samples_longer_than_max_length_are_dropped_and_counted(tokenizer):
@@ -106,20 +109,60 @@ def test_data_hash_is_stable_and_content_sensitive():
     assert data_hash(samples) != data_hash([_sample("init"), _sample("expand", target="other")])
 
 
-def test_collator_left_pads_and_carries_stage_ids():
-    features = [
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "stage_ids": 2, "length": 3},
-        {"input_ids": [8, 9], "labels": [-100, 9], "stage_ids": 0, "length": 2},
-    ]
+def test_collator_left_pads_and_carries_shifted_labels_and_their_stages():
+    features = [linear_feature([5, 6, 7], [-100, 6, 7], 2), linear_feature([8, 9], [-100, 9], 0)]
     batch = StageCollator(pad_token_id=0)(features)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 9]]
+    assert batch["labels"].tolist() == [[6, 7, -100], [-100, 9, -100]]  # the id each position predicts
+    assert batch["label_stages"].tolist() == [[2, 2, -1], [-1, 0, -1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
-    assert torch.equal(batch["stage_ids"], torch.tensor([2, 0]))
-    right = StageCollator(pad_token_id=0, padding_side="right", pad_to_multiple_of=4)(features)
-    assert right["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
-    assert right["labels"].tolist() == [[-100, 6, 7, -100], [-100, 9, -100, -100]]
+    assert int(batch["num_tokens"]) == 5
+    padded = StageCollator(pad_token_id=0, pad_to_multiple_of=4)(features)
+    assert padded["input_ids"].tolist() == [[0, 5, 6, 7], [0, 0, 8, 9]]
+
+
+def test_a_chain_packs_its_shared_prompt_prefix_once():
+    # Three steps whose prompts share [1, 2, 3]; the second and third share [1, 2, 3, 4, 5] as well.
+    steps = [
+        ([1, 2, 3, 9, 50, 51], [-100] * 4 + [50, 51], 0),
+        ([1, 2, 3, 4, 5, 8, 60], [-100] * 6 + [60], 1),
+        ([1, 2, 3, 4, 5, 6, 7, 70, 71], [-100] * 7 + [70, 71], 2),
+    ]
+    packed = pack_steps(steps)
+    assert packed["length"] == 14 < packed["sample_tokens"] == 22
+    # Each step's tokens, followed through the parents from its last token, are its own ids in order.
+    paths = [_path(packed, i) for i in range(packed["length"])]
+    assert all(input_ids in paths for input_ids, _, _ in steps)
+    # Every target is predicted exactly once, from the last positions, with its step's stage.
+    predicted = [
+        (label, stage) for label, stage in zip(packed["labels"], packed["label_stages"], strict=True) if label != -100
+    ]
+    assert sorted(predicted) == [(50, 0), (51, 0), (60, 1), (70, 2), (71, 2)]
+    first_predicting = min(i for i, label in enumerate(packed["labels"]) if label != -100)
+    assert all(position >= 3 for position in packed["position_ids"][first_predicting:])
+    mask = ancestor_mask(packed["parents"])
+    assert mask.sum(dim=1).tolist() == [p + 1 for p in packed["position_ids"]]  # each token sees its own prefix
+
+
+def _path(packed, index):
+    ids = []
+    while index >= 0:
+        ids.append(packed["input_ids"][index])
+        index = packed["parents"][index]
+    return ids[::-1]
+
+
+def test_a_chain_longer_than_max_length_is_split_between_its_steps(tokenizer):
+    samples = validate_samples(
+        [_sample(s, question=f"Who was born in city {s}?") for s in ("init", "expand", "aggregate")]
+    )
+    whole = build_training_data(samples, tokenizer, ("init", "expand", "aggregate"), max_length=4096)
+    longest = max(len(tokenize_sample(tokenizer, s)["input_ids"]) for s in samples)
+    split = build_training_data(samples, tokenizer, ("init", "expand", "aggregate"), max_length=longest + 5)
+    assert len(whole.features) == 1 and len(split.features) > 1
+    assert all(f["length"] <= longest + 5 for f in split.features)
+    assert sum(f["sample_tokens"] for f in split.features) == sum(f["sample_tokens"] for f in whole.features)
 
 
 def test_config_round_trips_and_rejects_bad_settings():

@@ -314,10 +314,9 @@ def heldout_loss(net: Any, tokenizer: Any, samples: list[dict[str, Any]], settin
         settings: Give the batch size, length limit and precision.
     """
     import torch
-    import torch.nn.functional as F
 
-    from steper_dspy.lm.chat import IGNORE_INDEX
     from steper_dspy.training.data import StageCollator, build_training_data
+    from steper_dspy.training.trainer import accepts_logits_to_keep, target_token_losses
 
     data = build_training_data(samples, tokenizer, ("init", "expand", "aggregate"), settings.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -327,17 +326,10 @@ def heldout_loss(net: Any, tokenizer: Any, samples: list[dict[str, Any]], settin
     net.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=_use_bf16(settings)):
         for start in range(0, len(data.features), settings.batch_size):
-            batch = collate(data.features[start : start + settings.batch_size])
-            labels = batch.pop("labels").to(device)
-            batch.pop("stage_ids")
-            keep = int(labels.shape[1] - (labels != IGNORE_INDEX).int().argmax(dim=1).min() + 1)
-            logits = net(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=keep, use_cache=False).logits
-            targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
-            losses = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += float(losses)
-            count += int((targets != IGNORE_INDEX).sum())
+            batch = {k: v.to(device) for k, v in collate(data.features[start : start + settings.batch_size]).items()}
+            losses, _ = target_token_losses(net, batch, trim_logits=accepts_logits_to_keep(net))
+            total += float(losses.sum())
+            count += losses.numel()
     return total / max(count, 1)
 
 

@@ -35,8 +35,10 @@ class RunConfig:
         teacher: LM spec: litellm/DSPy string (``openai/gpt-4o-mini``), hub id, local folder or GGUF file.
         api_base: Endpoint for an API teacher (e.g. a local vLLM or ``transformers serve``).
         teacher_max_tokens: Token limit per teacher call.
-        teacher_demos: Prompt the teacher with the program's built-in worked example (IRCoT), which a small
-            teacher needs to keep each step to one fact; the student's samples never include it.
+        teacher_demos: The teacher's demonstrations: ``builtin`` (the program's worked example, IRCoT), which a
+            small teacher needs to keep each step to one fact; ``bootstrap`` (two of the teacher's own correct
+            chains on the training questions, found with the built-in example; saved as
+            ``<output>/teacher_demos.json``); or ``none``. The student's samples never include them.
         recording: A teacher recording (JSONL): replayed when it answers every call, extended when a live
             teacher is given.
         student: Base model of the student: hub id, local folder or GGUF file.
@@ -65,7 +67,7 @@ class RunConfig:
     teacher: str | None = None
     api_base: str | None = None
     teacher_max_tokens: int = 256
-    teacher_demos: bool = True
+    teacher_demos: str = "builtin"
     recording: str | None = None
     student: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     output: str = "runs/steper"

@@ -12,12 +12,16 @@ from steper_dspy.cli.config import RunConfig
 from steper_dspy.cli.report import Results
 from steper_dspy.cli.specs import is_api_model, make_lm, make_program
 from steper_dspy.compilers import STEPER, GroundedStepFilter
+from steper_dspy.compilers.demos import bootstrap_demos, load_demos, save_demos
 from steper_dspy.compilers.student import run_on_student, run_with_adapter, save_compiled
 from steper_dspy.compilers.student import student_lm as make_student_lm
 from steper_dspy.errors import SteperError
 from steper_dspy.evals import METRICS, EvaluationReport, evaluate_program, load_multihop, train_test_split
 from steper_dspy.programs.demos import ircot_demos, with_demos
 from steper_dspy.retrieval import BM25Retriever
+
+TEACHER_DEMOS_FILE = "teacher_demos.json"
+BOOTSTRAPPED_CHAINS = 2  # teacher chains whose steps become its demonstrations (teacher_demos: bootstrap)
 
 
 @dataclass
@@ -105,12 +109,39 @@ def teacher_lm(config: RunConfig) -> dspy.LM:
 
 def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, testset: TestSet | None = None) -> dspy.Module:
     """The run's program on the teacher LM over the corpus of `testset` (training corpus when None), with the
-    built-in worked example as demos when asked for."""
+    run's teacher demonstrations (see :func:`teacher_demos`)."""
     program = task.program(config, testset)
-    if config.teacher_demos and config.program == "ircot":
-        with_demos(program, ircot_demos())
+    demos = teacher_demos(config, task, lm)
+    if demos:
+        with_demos(program, demos)
     program.set_lm(lm)
     return run_with_adapter(program, teacher_adapter())
+
+
+def teacher_demos(config: RunConfig, task: Task, lm: dspy.LM) -> dict[str, list[dspy.Example]] | None:
+    """The teacher's demonstrations: none, the built-in worked example (IRCoT), or bootstrapped from the
+    training questions by the teacher prompted with the built-in example. Bootstrapped demos are saved to
+    ``<output>/teacher_demos.json`` and read back by a rerun, so that the teacher is prompted identically."""
+    builtin = ircot_demos() if config.program == "ircot" else None
+    if config.teacher_demos != "bootstrap":
+        return builtin if config.teacher_demos == "builtin" else None
+    path = Path(config.output) / TEACHER_DEMOS_FILE
+    if path.is_file():
+        return load_demos(path)
+    prompted = task.program(config)
+    if builtin:
+        with_demos(prompted, builtin)
+    prompted.set_lm(lm)
+    demos = bootstrap_demos(
+        task.program(config),
+        run_with_adapter(prompted, teacher_adapter()),
+        task.trainset,
+        metric=METRICS[config.metric],
+        threshold=config.threshold,
+        max_demos=BOOTSTRAPPED_CHAINS,
+    )
+    save_demos(demos, path)
+    return demos
 
 
 def make_teleprompter(config: RunConfig, *, output: str | Path | None = None, progress: bool = True) -> STEPER:
@@ -157,7 +188,8 @@ def model_lm(config: RunConfig, spec: str, *, student: bool, **kwargs: Any) -> d
 
 
 def _server_log(config: RunConfig, model: str | Path) -> Path:
-    return Path(config.output) / f"vllm-{Path(str(model)).name}.log"
+    path = Path(str(model))
+    return Path(config.output) / f"vllm-{path.stem if path.suffix == '.gguf' else path.name}.log"
 
 
 def evaluate_system(

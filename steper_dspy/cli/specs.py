@@ -9,6 +9,7 @@ from typing import Any
 import dspy
 
 from steper_dspy.errors import SteperError
+from steper_dspy.lm.vllm import request_settings
 from steper_dspy.programs import PROGRAMS, predictor_stages
 from steper_dspy.programs.multistep import Retriever
 
@@ -57,6 +58,8 @@ def make_lm(
             kwargs.setdefault("api_key", "EMPTY")
         if engine is not None:
             kwargs["engine"] = engine
+        if spec.startswith("hosted_vllm/"):
+            kwargs = {**request_settings(), **kwargs}  # a small model rambles on after ChatAdapter's end marker
         return dspy.LM(spec, api_base=api_base, max_tokens=max_tokens, temperature=0.0, **kwargs)
     if api_base is not None:
         raise SteperError(

@@ -192,9 +192,20 @@ def server_at(api_base: str | None) -> Any:
 
 def max_concurrency(lm: dspy.BaseLM) -> int | None:
     """How many calls `lm` serves at once (a managed vLLM server's capacity, the in-process batch size), or
-    None when it cannot tell (an API model): the DSPy threads worth running against it."""
+    None when it cannot tell (an API model): the DSPy threads worth running against it. A recording LM
+    answers for the live LM it records."""
     engine = getattr(lm, "engine", None)
     if hasattr(engine, "max_concurrency"):
         return engine.max_concurrency
+    if isinstance(getattr(engine, "lm", None), dspy.BaseLM):
+        return max_concurrency(engine.lm)
     server = server_at(getattr(lm, "kwargs", {}).get("api_base"))
     return server.max_concurrency if server is not None else None
+
+
+def program_concurrency(program: dspy.Module) -> int:
+    """The DSPy threads worth running `program` with: the least `max_concurrency` of its LMs (its predictors'
+    own, else the configured one), or 1 when none can tell."""
+    lms = [predictor.lm for predictor in program.predictors() if predictor.lm is not None] or [dspy.settings.lm]
+    known = [n for n in (max_concurrency(lm) for lm in lms if lm is not None) if n]
+    return min(known) if known else 1

@@ -79,7 +79,8 @@ class VLLMServer:
         port: The port; by default a free one.
         log_path: Where the server's output goes (default ``<steper cache>/logs/vllm-<name>.log``).
         max_model_len: The context length the server allows (prompt + reply).
-        dtype: vLLM's ``--dtype`` (``auto``, ``bfloat16``, ``float16``, ``float32``).
+        dtype: vLLM's ``--dtype``; ``auto`` is the fastest safe one of the device (bf16 where the hardware has
+            it: a GGUF materialises to fp16, which CPUs compute slowly).
         max_num_seqs: Most requests the server runs at once.
         startup_timeout: Seconds to wait for `/health` before giving up.
         extra_args: Further command-line arguments for vLLM.
@@ -108,7 +109,7 @@ class VLLMServer:
             Path(log_path) if log_path else steper_cache_dir() / "logs" / f"vllm-{_file_safe(self.name)}.log"
         )
         self.max_model_len = max_model_len
-        self.dtype = dtype
+        self.dtype = _server_dtype(dtype)
         self.max_num_seqs = max_num_seqs
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
@@ -259,6 +260,14 @@ def server_environment() -> dict[str, str]:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(_kv_cache_gib()))
     return env
+
+
+def _server_dtype(dtype: str) -> str:
+    from steper_dspy.lm.models import default_dtype
+
+    if dtype != "auto":
+        return dtype
+    return str(default_dtype("cuda" if _has_cuda() else "cpu")).removeprefix("torch.")
 
 
 def _has_cuda() -> bool:

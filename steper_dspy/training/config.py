@@ -38,11 +38,14 @@ class TrainingConfig:
         sigma_learning_rate: Learning rate of the stage log-variances (own group, no weight decay).
         num_train_epochs: Passes over the samples (ignored when `max_steps > 0`).
         max_steps: Optimizer steps to run; `-1` derives them from `num_train_epochs`.
-        per_device_train_batch_size: Samples per forward pass and device.
+        per_device_train_batch_size: Training sequences per forward pass and device (a packed chain is one).
         gradient_accumulation_steps: Forward passes per optimizer step.
         max_length: Longest sample (prompt + target tokens) trained on. Longer samples are dropped and
             counted, never truncated: cutting the prompt would teach a prompt the student never sees at
-            inference (it loses the system message or the question).
+            inference (it loses the system message or the question). Also the longest packed chain.
+        pack_steps: Pack the steps of each chain into one sequence whose shared prompt prefix is computed once
+            (each step still sees only its own prompt; the loss is that of the unpacked samples). Needs an
+            attention that takes a custom mask (sdpa, eager).
         bf16: bf16 autocast; `None` turns it on where the hardware runs bf16 natively (recent GPUs, CPUs
             with AVX512-BF16 or AMX). With LoRA the frozen base is then held in bf16 too (the adapter stays
             fp32, and a merged model is merged into the base at full precision).
@@ -73,6 +76,7 @@ class TrainingConfig:
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
+    pack_steps: bool = True
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     logging_steps: int = 5

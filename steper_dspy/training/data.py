@@ -12,6 +12,7 @@ from typing import Any
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.chat import IGNORE_INDEX, chat_prompt_ids, completion_ids
 from steper_dspy.stages import STAGES
+from steper_dspy.training.packing import NO_STAGE, ancestor_mask, is_linear, linear_feature, pack_steps
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ class TrainingData:
     """Tokenised samples ready for the Trainer, with what was kept and left out per stage.
 
     Attributes:
-        features: One dict per kept sample: `input_ids`, `labels`, `stage_ids` (index into `stages`)
-            and `length`.
-        stages: The trained stages, in the order `stage_ids` index.
+        features: One dict per training sequence (see `steper_dspy.training.packing.pack_steps`): the steps
+            of one chain packed together, or one sample each when packing is off.
+        stages: The trained stages, in the order `label_stages` index.
         num_samples: Kept samples per trained stage.
         dropped: Samples per stage left out for being longer than `max_length` tokens.
         skipped: Samples per stage left out because their stage is not trained.
@@ -113,7 +114,7 @@ class TrainingData:
 
 
 def build_training_data(
-    samples: Sequence[dict[str, Any]], tokenizer: Any, stages: Sequence[str], max_length: int
+    samples: Sequence[dict[str, Any]], tokenizer: Any, stages: Sequence[str], max_length: int, *, pack: bool = True
 ) -> TrainingData:
     """Tokenise the samples of the trained stages; leave out (and count) those over `max_length` tokens.
 
@@ -124,7 +125,9 @@ def build_training_data(
         samples: Validated samples (see `validate_samples`).
         tokenizer: The student's tokenizer.
         stages: The stages to train on; samples of other stages are skipped.
-        max_length: The longest prompt + target length kept, in tokens.
+        max_length: The longest prompt + target length kept, in tokens (also the longest packed sequence).
+        pack: Pack the steps of each chain (samples with the same `example_id` and `rollout`) into one
+            sequence that computes their shared prompt prefix once (see `steper_dspy.training.packing`).
 
     Returns:
         The tokenised features and per-stage counts.
@@ -142,8 +145,8 @@ def build_training_data(
     tokens = dict.fromkeys(stages, 0)
     dropped: dict[str, int] = {}
     skipped: dict[str, int] = {}
-    features = []
-    for sample in samples:
+    chains: dict[Any, list[tuple[list[int], list[int], int]]] = {}
+    for index, sample in enumerate(samples):
         stage = sample["stage"]
         if stage not in stages:
             skipped[stage] = skipped.get(stage, 0) + 1
@@ -154,7 +157,8 @@ def build_training_data(
             continue
         num_samples[stage] += 1
         tokens[stage] += sum(label != IGNORE_INDEX for label in encoded["labels"])
-        features.append({**encoded, "stage_ids": stages.index(stage), "length": len(encoded["input_ids"])})
+        key = _chain_key(sample, index) if pack else index
+        chains.setdefault(key, []).append((encoded["input_ids"], encoded["labels"], stages.index(stage)))
     if dropped:
         logger.warning(
             "Left out %d samples longer than max_length=%d tokens (%s); raise max_length to keep them.",
@@ -162,31 +166,55 @@ def build_training_data(
             max_length,
             ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())),
         )
-    if not features:
+    if not chains:
         reason = f"all {sum(dropped.values())} are longer than max_length={max_length}" if dropped else "there are none"
         raise SteperError(
             f"No training samples for stages {list(stages)}: {reason}. Check the harvest's stages, "
             "TrainingConfig.stages and TrainingConfig.max_length."
         )
+    features = [feature for steps in chains.values() for feature in _packs(steps, max_length)]
     return TrainingData(features, stages, num_samples, dropped, skipped, tokens)
+
+
+def _chain_key(sample: dict[str, Any], index: int) -> Any:
+    """Samples of one chain share their example and rollout; a sample without them is a chain of its own."""
+    if sample.get("example_id") is None:
+        return ("sample", index)
+    return ("chain", str(sample["example_id"]), sample.get("rollout", 0))
+
+
+def _packs(steps: list[tuple[list[int], list[int], int]], max_length: int) -> list[dict[str, Any]]:
+    """The steps of one chain as few packed sequences of at most `max_length` tokens each, in step order."""
+    if len(steps) == 1:
+        return [linear_feature(*steps[0])]
+    packs, current, packed = [], [], None
+    for step in steps:
+        candidate = pack_steps([*current, step])
+        if current and candidate["length"] > max_length:
+            packs.append(packed)
+            current, candidate = [step], pack_steps([step])
+        else:
+            current.append(step)
+        packed = candidate
+    packs.append(packed)
+    return packs
 
 
 @dataclass
 class StageCollator:
-    """Pad a batch of tokenised samples and carry each sample's stage id.
+    """Left-pad a batch of (packed) training sequences, with their attention structure and per-token stages.
 
-    Padding goes on the left by default, so that every sequence ends at the last position: targets then
-    share the batch's trailing columns and the trainer computes output logits for those columns only.
-    Position ids count real tokens only, as in batched generation.
+    Padding goes on the left, so that the tokens that predict targets (last in every sequence) share the
+    batch's trailing columns and the trainer computes output logits for those columns only. A batch of plain
+    sequences gets a 2D padding mask; one with packed chains a 4D boolean mask (each token sees itself and its
+    ancestors; a padding token only itself).
 
     Args:
-        pad_token_id: The id to pad `input_ids` with (labels pad with -100, the attention mask with 0).
-        padding_side: `"left"` or `"right"`.
+        pad_token_id: The id to pad `input_ids` with (labels pad with -100).
         pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 on GPUs).
     """
 
     pad_token_id: int
-    padding_side: str = "left"
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,20 +223,32 @@ class StageCollator:
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        rows = len(features)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((rows, width), dtype=torch.long)
+        labels = torch.full((rows, width), IGNORE_INDEX, dtype=torch.long)
+        label_stages = torch.full((rows, width), NO_STAGE, dtype=torch.long)
+        packed = not all(is_linear(f["parents"]) for f in features)
+        if packed:
+            attention_mask = torch.eye(width, dtype=torch.bool).repeat(rows, 1, 1, 1)
+        else:
+            attention_mask = torch.zeros((rows, width), dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
-            cols = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            cols = slice(width - n, width)
             input_ids[row, cols] = torch.tensor(feature["input_ids"], dtype=torch.long)
+            position_ids[row, cols] = torch.tensor(feature["position_ids"], dtype=torch.long)
             labels[row, cols] = torch.tensor(feature["labels"], dtype=torch.long)
-            attention_mask[row, cols] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            label_stages[row, cols] = torch.tensor(feature["label_stages"], dtype=torch.long)
+            if packed:
+                attention_mask[row, 0, cols, cols] = ancestor_mask(feature["parents"])
+            else:
+                attention_mask[row, cols] = 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
             "labels": labels,
-            "stage_ids": torch.tensor([int(f["stage_ids"]) for f in features], dtype=torch.long),
+            "label_stages": label_stages,
+            "num_tokens": torch.tensor(sum(f["sample_tokens"] for f in features)),
         }

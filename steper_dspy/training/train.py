@@ -119,7 +119,7 @@ def train_student(
     # stays fp32: peft upcasts it). Full fine-tuning keeps fp32 master weights.
     bf16_base = config.use_lora and bf16
     model, tokenizer = load_model(base_model, device="cpu", trainable=True, dtype="bfloat16" if bf16_base else "auto")
-    data = build_training_data(samples, tokenizer, config.stages, config.max_length)
+    data = build_training_data(samples, tokenizer, config.stages, config.max_length, pack=config.pack_steps)
     model = _prepare_model(model, config)
     weighting = StageWeighting(config.stages, config.weighting, config.stage_weights)
 

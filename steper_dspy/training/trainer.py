@@ -40,7 +40,7 @@ class StageTrainer(Trainer):
     saved with every checkpoint (`stage_weighting.safetensors`) so that resuming restores them.
 
     Everything else (the loop, mixed precision, gradient accumulation, checkpoints, `accelerate launch`)
-    is the stock Trainer's. Batches must carry `labels` and `stage_ids` (see `StageCollator`).
+    is the stock Trainer's. Batches must carry `labels` and `label_stages` (see `StageCollator`).
 
     Args:
         *args: Passed to `Trainer`.
@@ -60,11 +60,11 @@ class StageTrainer(Trainer):
         self._stage_loss_sums = torch.zeros(num_stages, device=self.args.device)
         self._stage_token_counts = torch.zeros(num_stages, device=self.args.device)
         self._tokens_seen = torch.zeros((), dtype=torch.long, device=self.args.device)
-        self._trim_logits = _accepts_logits_to_keep(self.model)
+        self._trim_logits = accepts_logits_to_keep(self.model)
 
     @property
     def tokens_seen(self) -> int:
-        """Non-padding tokens (prompt and target) trained on by this trainer so far."""
+        """Tokens of the samples (prompt and target, as they would be unpacked) trained on so far."""
         return int(self._tokens_seen.item())
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -85,35 +85,21 @@ class StageTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """The stage-weighted loss of one batch; also tallies per-stage losses for the logs."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        stage_ids = inputs.pop("stage_ids")
-        inputs.pop("length", None)
-        if self._trim_logits:
-            # Logits are needed only from one position before the earliest target token on; with left
-            # padding that is a short tail, which spares most of the vocabulary projection.
-            first_target = (labels != IGNORE_INDEX).int().argmax(dim=1).min()
-            inputs["logits_to_keep"] = int(labels.shape[1] - first_target + 1)
-        outputs = model(**inputs, use_cache=False)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
-        logits = logits[:, :-1]
-        token_ce = F.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
-        )
-        mask = targets.reshape(-1) != IGNORE_INDEX
-        token_losses = token_ce[mask]
-        token_stages = stage_ids[:, None].expand_as(targets).reshape(-1)[mask]
+        """The stage-weighted loss of one batch; also tallies per-stage losses for the logs.
+
+        Batches come from `StageCollator`: `labels` holds the id each position predicts (already shifted, so
+        that packed chains need no next-position rule) and `label_stages` the stage of each.
+        """
+        num_tokens = inputs.get("num_tokens")
+        token_losses, token_stages = target_token_losses(model, inputs, trim_logits=self._trim_logits)
         loss = self.stage_weighting(token_losses, token_stages)
         if model.training:
             with torch.no_grad():
                 means, counts = stage_token_losses(token_losses, token_stages, len(self.stage_weighting.stages))
                 self._stage_loss_sums += means * counts
                 self._stage_token_counts += counts
-                mask_sum = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-                self._tokens_seen += mask_sum
-        return (loss, outputs) if return_outputs else loss
+                self._tokens_seen += num_tokens if num_tokens is not None else inputs["input_ids"].numel()
+        return (loss, None) if return_outputs else loss
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -177,6 +163,33 @@ class StageTrainer(Trainer):
             (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)
             if _internal_call:
                 self.stage_weighting.save(folder)
+
+
+def target_token_losses(
+    model: torch.nn.Module, batch: dict[str, Any], *, trim_logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of every target token of a `StageCollator` batch, and the stage index of each.
+
+    `labels` holds the id each position predicts (already shifted, so that packed chains need no next-position
+    rule). With `trim_logits`, logits are computed only from the earliest predicting position on: those are the
+    last ones of every left-padded row, which spares most of the vocabulary projection.
+    """
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_stages", "num_tokens", "length")}
+    labels, label_stages = batch["labels"], batch["label_stages"]
+    if inputs["attention_mask"].dim() == 4:
+        inputs["attention_mask"] = _attention_mask_for(model, inputs["attention_mask"])
+    keep = labels.shape[1]
+    if trim_logits:
+        keep = int(labels.shape[1] - (labels != IGNORE_INDEX).int().argmax(dim=1).min())
+        inputs["logits_to_keep"] = keep
+    outputs = model(**inputs, use_cache=False)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    targets, stages = labels[:, -keep:], label_stages[:, -keep:]
+    token_ce = F.cross_entropy(
+        logits[:, -keep:].float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+    )
+    mask = targets.reshape(-1) != IGNORE_INDEX
+    return token_ce[mask], stages.reshape(-1)[mask]
 
 
 class StageLogCallback(TrainerCallback):
@@ -259,7 +272,24 @@ def trim_log(path: str | Path, max_step: int) -> None:
     tmp.replace(path)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def _attention_mask_for(model: torch.nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask (True: attend) as the model's attention takes it: SDPA and flex read booleans; eager
+    attention adds the mask to its scores, so it gets 0 and the dtype's minimum."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return mask
+    if implementation != "eager":
+        raise SteperError(
+            f"Packed chains need an attention that takes a custom mask (sdpa or eager), not {implementation!r}: "
+            "set TrainingConfig(pack_steps=False)."
+        )
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min
+    )
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (computes output logits for the last positions only)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
