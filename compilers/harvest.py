@@ -141,7 +141,7 @@ def harvest(
         rollout_temperature: Sampling temperature of the extra rollouts.
         step_filter: Optional filter that drops single steps of kept chains.
         adapter: The adapter the student will be prompted with (default :func:`student_adapter`).
-        teacher_adapter: The adapter the teacher runs with (default :func:`teacher_adapter`); a teacher program
+        teacher_adapter: The adapter the teacher runs with (default :func:`teacher_adapter` with the teacher's demos); a teacher program
             set to run with its own adapter keeps it.
         num_threads: Parallel teacher calls (useful for API teachers).
         progress: Show a progress bar.
@@ -153,7 +153,7 @@ def harvest(
         SteperError: Another harvest is writing to the same file (the store is locked for the whole run).
     """
     adapter = adapter or student_adapter()
-    teacher_adapter = teacher_adapter or default_teacher_adapter()
+    teacher_adapter = teacher_adapter or default_teacher_adapter(teacher)
     signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
     # Locked for the whole run, so that a second harvest into the same file fails at once.
     with store.writing():

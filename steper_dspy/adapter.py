@@ -6,19 +6,22 @@ step recomputes the question and every passage seen so far. `SharedPrefixAdapter
 field markers and parsing but moves everything that depends on the signature behind the inputs:
 
     system:  one message, the same for every predictor (what the field markers mean)
-    demos:   user/assistant pairs, each laid out like the request below
+    demos:   user/assistant pairs, each laid out like the request below: the demos of EVERY predictor of the
+             program, in the same order for each (see `shared_demos`), so that they too are the same for all
     user:    [[ ## question ## ]] ... [[ ## passages ## ]] [...] [[ ## rationales ## ]] [...]
-             the step's objective, its input and output fields, the answer-format reminder
+             the step's objective, its output fields, the answer-format reminder
 
-Consecutive steps of a chain then share the system message, the question and the passages of the earlier step
-(passages are only ever appended), and a prefix-caching server (vLLM) or a packed training batch computes them
-once. Training samples are formatted by the same adapter (`format_finetune_data`), so the student is trained
-on exactly the prompts it is asked at inference.
+Consecutive steps of a chain then share the system message, the demos, the question and the passages of the
+earlier step (passages are only ever appended), and a prefix-caching server (vLLM) or a packed training batch
+computes them once; the demos, the same for every call, are computed once for the whole run. Training samples
+are formatted by the same adapter (`format_finetune_data`), so the student is trained on exactly the prompts
+it is asked at inference.
 """
 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from typing import Any
 
 import dspy
@@ -37,11 +40,29 @@ class SharedPrefixAdapter(dspy.ChatAdapter):
     """A `dspy.ChatAdapter` whose system message is the same for every signature, with the step-specific
     instructions after the inputs, so that the prompts of a chain's steps share their longest prefix.
 
-    Parsing, field formatting, demos and the JSON fallback are the ChatAdapter's.
+    Parsing, field formatting and the JSON fallback are the ChatAdapter's.
 
     Args:
+        shared_demos: The demos of every predictor of the program, as ``(signature, demos)`` pairs in the
+            program's order (see :func:`program_demos`). When given, every prompt shows all of them (each
+            formatted for its own signature), whatever the calling predictor's own demos are.
         **kwargs: `dspy.ChatAdapter` arguments (e.g. ``use_json_adapter_fallback=False``).
     """
+
+    def __init__(self, shared_demos: Sequence[tuple[type[Signature], list[Any]]] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.shared_demos = list(shared_demos) if shared_demos else None
+        self._demo_messages: list[dict[str, Any]] | None = None
+
+    def format_demos(self, signature: type[Signature], demos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.shared_demos is None:
+            return super().format_demos(signature, demos)
+        if self._demo_messages is None:
+            messages = []
+            for shared_signature, items in self.shared_demos:
+                messages.extend(super().format_demos(shared_signature, items))
+            self._demo_messages = messages
+        return self._demo_messages
 
     def format_system_message(self, signature: type[Signature]) -> str:
         return SYSTEM_MESSAGE
@@ -71,10 +92,18 @@ class SharedPrefixAdapter(dspy.ChatAdapter):
         )
 
 
-def teacher_adapter() -> SharedPrefixAdapter:
-    """The adapter a teacher runs with: the shared-prefix layout, with DSPy's JSON fallback for a reply it
-    cannot parse (a second chance that costs one more call, never a sample: samples are formatted anew)."""
-    return SharedPrefixAdapter()
+def program_demos(program: dspy.Module) -> list[tuple[type[Signature], list[Any]]]:
+    """Each predictor's signature and demos, in the program's order (for `SharedPrefixAdapter(shared_demos=)`)."""
+    return [
+        (predictor.signature, list(predictor.demos)) for _, predictor in program.named_predictors() if predictor.demos
+    ]
+
+
+def teacher_adapter(program: dspy.Module | None = None) -> SharedPrefixAdapter:
+    """The adapter a teacher runs with: the shared-prefix layout with the demos of all of `program`'s predictors
+    in every prompt, and DSPy's JSON fallback for a reply it cannot parse (a second chance that costs one more
+    call, never a sample: samples are formatted anew, without demos)."""
+    return SharedPrefixAdapter(shared_demos=program_demos(program) if program is not None else None)
 
 
 def student_adapter() -> SharedPrefixAdapter:

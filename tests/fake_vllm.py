@@ -49,6 +49,9 @@ def main() -> None:
             self._send(200, {"status": "ok"} if self.path == "/health" else {"object": "list", "data": []})
 
         def do_POST(self):
+            if self.path == "/reset_prefix_cache":
+                self._send(200, {})
+                return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             user = body["messages"][-1]["content"]
             prompt = sum(len(str(m["content"])) for m in body["messages"])

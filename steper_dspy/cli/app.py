@@ -279,6 +279,7 @@ def quickstart(
     train_size: TrainSizeOpt = None,
     test_size: TestSizeOpt = None,
     epochs: EpochsOpt = None,
+    threads: ThreadsOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     """Compile SmolLM2-135M on the built-in synthetic example with a recorded teacher, offline, in minutes;

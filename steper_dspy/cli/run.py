@@ -115,7 +115,7 @@ def teacher_program(config: RunConfig, task: Task, lm: dspy.LM, testset: TestSet
     if demos:
         with_demos(program, demos)
     program.set_lm(lm)
-    return run_with_adapter(program, teacher_adapter())
+    return run_with_adapter(program, teacher_adapter(program))
 
 
 def teacher_demos(config: RunConfig, task: Task, lm: dspy.LM) -> dict[str, list[dspy.Example]] | None:
@@ -134,7 +134,7 @@ def teacher_demos(config: RunConfig, task: Task, lm: dspy.LM) -> dict[str, list[
     prompted.set_lm(lm)
     demos = bootstrap_demos(
         task.program(config),
-        run_with_adapter(prompted, teacher_adapter()),
+        run_with_adapter(prompted, teacher_adapter(prompted)),
         task.trainset,
         metric=METRICS[config.metric],
         threshold=config.threshold,
