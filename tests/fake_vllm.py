@@ -53,13 +53,16 @@ def main() -> None:
                 self._send(200, {})
                 return
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = body["messages"][-1]["content"]
-            prompt = sum(len(str(m["content"])) for m in body["messages"])
+            texts = [_text(m["content"]) for m in body["messages"]]
+            user, prompt = texts[-1], sum(len(text) for text in texts)
             if max_prompt and prompt > max_prompt:
                 message = f"This model's maximum context length is {max_prompt} tokens. However, your request has {prompt} input tokens."
                 self._send(400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400})
                 return
-            text = engine.reply(user)
+            try:
+                text = engine.reply(user)
+            except (AttributeError, KeyError):  # not a scripted question: a plain reply
+                text = "[[ ## answer ## ]]\nunknown\n\n[[ ## completed ## ]]"
             self._send(200, _completion(args.served_model_name, text, prompt))
             with lock:
                 served[0] += 1
@@ -75,6 +78,11 @@ def main() -> None:
             self.wfile.write(data)
 
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+
+
+def _text(content) -> str:
+    """A message's text: a string, or OpenAI's list of content parts."""
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
 def _completion(model: str, text: str, prompt_chars: int) -> dict:

@@ -6,6 +6,7 @@ No test asserts a time: the figures depend on the machine, only their presence a
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -146,3 +147,56 @@ def test_cli_speed_errors_keep_the_install_hint(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["speed", "retrieval", "--sizes", "200", "-o", str(tmp_path)])
     assert result.exit_code == 2
     assert "pip install -e .[bench]" in " ".join(result.output.split())
+
+
+def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_dir, tmp_path, monkeypatch):
+    from steper_dspy.evals.speed.generation import GenerationBenchmark, markdown, run_generation_benchmark
+    from steper_dspy.lm import vllm as vllm_module
+    from tests.test_datasets import HOTPOT_ROW, write_jsonl
+
+    # vLLM's place is taken by the stand-in server of tests/fake_vllm.py (scripted replies, no vLLM needed).
+    monkeypatch.setattr(vllm_module, "SERVER_MODULE", "tests.fake_vllm")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    monkeypatch.setenv("STEPER_CACHE", str(tmp_path / "cache"))
+    rows = [{**HOTPOT_ROW, "_id": f"h{i}"} for i in range(2)]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "hotpotqa_dev200.jsonl", rows)
+    settings = GenerationBenchmark(
+        teacher=str(tiny_model_dir),
+        student=str(tiny_model_dir),
+        models=("student",),
+        workloads=("recording", "hotpotqa"),
+        recording_calls=3,
+        questions=2,
+        batch_size=2,
+        concurrency=(1, 2),
+        max_tokens=8,
+        data_dir=str(tmp_path / "data"),
+    )
+    try:
+        results = run_generation_benchmark(settings, tmp_path / "out")
+    finally:
+        vllm_module.stop_all()
+    runs = [(r["engine"], r["concurrency"], r["workload"]) for r in results["rows"]]
+    assert runs == [
+        (engine, concurrency, workload)
+        for engine, concurrency in (
+            ("transformers-sequential", 1),
+            ("transformers-batched", 2),
+            ("vllm", 1),
+            ("vllm", 2),
+        )
+        for workload in ("recording", "hotpotqa")
+    ]
+    for row in results["rows"]:
+        assert row["seconds"] > 0 and row["tokens_per_second"] >= 0 and 0 <= row["greedy_identical"] <= 1
+        assert (row["seconds_per_call"] if row["workload"] == "recording" else row["seconds_per_question"]) > 0
+        assert row["speedup"] > 0
+    sequential = [r for r in results["rows"] if r["engine"] == "transformers-sequential"]
+    assert all(r["greedy_identical"] == 1 and r["speedup"] == 1 for r in sequential)
+    vllm_rows = [r for r in results["rows"] if r["engine"] == "vllm"]
+    assert all(r["cached_prompt_tokens"] > 0 for r in vllm_rows)  # the server's prefix-cache counts arrive
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"] == results["rows"] and "cpu" in saved["machine"]
+    assert (tmp_path / "out" / "generation.png").stat().st_size > 0
+    assert markdown(results).count("\n") == len(results["rows"]) + 1

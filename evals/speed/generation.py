@@ -201,7 +201,7 @@ def _recorded_requests(n: int) -> list[Any]:
                       for m in messages if m["role"] != "system")  # fmt: skip
         settings = record.get("settings", {})
         config = Config(temperature=0.0, max_tokens=settings.get("max_tokens"), stop=tuple(settings.get("stop") or ()))
-        requests.append(Request(model="", system=system, messages=turns, config=config))
+        requests.append(Request(model="recorded", system=system, messages=turns, config=config))
         if len(requests) == n:
             break
     return requests

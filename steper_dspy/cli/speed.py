@@ -10,14 +10,15 @@ from rich.markup import escape
 
 from steper_dspy.cli.report import console
 from steper_dspy.errors import SteperError
+from steper_dspy.evals.speed import generation as generation_bench
 from steper_dspy.evals.speed import retrieval as retrieval_bench
 from steper_dspy.evals.speed import training as training_bench
 
 # The option defaults below are the benchmarks' own.
-T, R = training_bench.TrainingBenchmark, retrieval_bench.RetrievalBenchmark
+T, R, G = training_bench.TrainingBenchmark, retrieval_bench.RetrievalBenchmark, generation_bench.GenerationBenchmark
 
 speed_app = typer.Typer(
-    help="Speed benchmarks: our trainer vs TRL's SFTTrainer, our BM25 retriever vs rank_bm25 (needs `pip install -e .\\[bench]`).",
+    help="Speed benchmarks: generation engines (sequential, batched, vLLM), our trainer vs TRL's SFTTrainer, our BM25 retriever vs rank_bm25 (the last two need `pip install -e .\\[bench]`).",
     no_args_is_help=True,
 )
 
@@ -111,12 +112,59 @@ def retrieval(
     console.print(f"results: {out / 'results.json'} (plot beside it)")
 
 
+@speed_app.command()
+def generation(
+    teacher: Annotated[str, typer.Option(help="Teacher model (folder, GGUF file or hub id).")] = G.teacher,
+    student: Annotated[
+        str | None, typer.Option(help="Student model (default SmolLM2-135M). Example: --student runs/demo/model")
+    ] = None,
+    models: Annotated[str, typer.Option(help="Comma-separated: teacher,student.")] = ",".join(G.models),
+    engines: Annotated[str, typer.Option(help="Comma-separated engines.")] = ",".join(G.engines),
+    workloads: Annotated[
+        str, typer.Option(help="Comma-separated: recording (the shipped recording's requests), 2wiki, hotpotqa.")
+    ] = ",".join(G.workloads),
+    recording_calls: Annotated[int, typer.Option(help="Requests of the recording per run.")] = G.recording_calls,
+    questions: Annotated[int, typer.Option(help="Dev questions (whole chains) per dataset.")] = G.questions,
+    batch_size: Annotated[int, typer.Option(help="Batch size of the batched in-process engine.")] = G.batch_size,
+    concurrency: Annotated[
+        str, typer.Option(help="Comma-separated concurrent requests of the vLLM runs.")
+    ] = ",".join(str(c) for c in G.concurrency),
+    data_dir: Annotated[str, typer.Option(help="Folder of the 2Wiki / HotpotQA dev files.")] = G.data_dir,
+    output: OutputOpt = None,
+) -> None:
+    """Seconds per call and per question, tokens/s and greedy agreement of the sequential in-process engine,
+    the batched one and vLLM at several concurrencies, on the same real requests and questions.
+
+    Example: steper speed generation --models student --engines transformers-sequential,transformers-batched -o runs/speed-generation
+    """
+    with _errors():
+        settings = G(
+            teacher=teacher,
+            student=student,
+            models=_names(models),
+            engines=_names(engines),
+            workloads=_names(workloads),
+            recording_calls=recording_calls,
+            questions=questions,
+            batch_size=batch_size,
+            concurrency=_sizes(concurrency),
+            data_dir=data_dir,
+        )
+        out = output or Path("runs/speed-generation")
+        generation_bench.print_results(generation_bench.run_generation_benchmark(settings, out))
+    console.print(f"results: {out / 'results.json'} (plot beside it)")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s.replace("_", "")) for s in text.split(",") if s.strip())
     except ValueError:
         raise SteperError(
-            f"--sizes {text!r} is not a comma-separated list of whole numbers, e.g. 10000,100000."
+            f"{text!r} is not a comma-separated list of whole numbers, e.g. 10000,100000."
         ) from None
 
 
