@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 
 from steper_dspy.adapter import student_adapter
 from steper_dspy.adapter import teacher_adapter as default_teacher_adapter
-from steper_dspy.compilers.filters import StepFilter
+from steper_dspy.compilers.filters import GroundedStepFilter, StepFilter
 from steper_dspy.compilers.store import ChainRecord, HarvestStore
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.errors import ServerDiedError
 from steper_dspy.programs.stages import stage_by_predictor_id
+from steper_dspy.samples import StepSample
 from steper_dspy.stages import STAGES
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class HarvestReport:
         ]
         if self.filtered_steps:
             lines.append(
-                "steps dropped by the step filter: " + ", ".join(f"{k} {v}" for k, v in self.filtered_steps.items())
+                "steps the step filter flagged: " + ", ".join(f"{k} {v}" for k, v in self.filtered_steps.items())
             )
         if self.lm_failures:
             failed = f"{self.lm_failures} chains failed on teacher errors and will be retried by a rerun"
@@ -126,7 +127,7 @@ def harvest(
 ) -> HarvestReport:
     """Run `teacher` on every (example, rollout) not yet in `store` and append one chain record each.
 
-    Each predictor call of a chain becomes one sample tagged with its stage (from the program's stage
+    Each predictor call of a chain becomes one `StepSample` tagged with its stage (from the program's stage
     mapping, by predictor identity) and step index, formatted with `adapter` against the STUDENT's
     signature and without demonstrations, exactly as the student will be prompted at inference.
 
@@ -139,7 +140,9 @@ def harvest(
         threshold: Least score for a chain to be kept.
         rollouts: Teacher chains per question; rollouts after the first sample at `rollout_temperature`.
         rollout_temperature: Sampling temperature of the extra rollouts.
-        step_filter: Optional filter that drops single steps of kept chains.
+        step_filter: Flags single steps of kept chains (default `GroundedStepFilter`); every step is kept in
+            the file with its verdict (`filtered`), and a teleprompter with a step filter trains without the
+            flagged ones.
         adapter: The adapter the student will be prompted with (default :func:`student_adapter`).
         teacher_adapter: The adapter the teacher runs with (default :func:`teacher_adapter` with the teacher's demos); a teacher program
             set to run with its own adapter keeps it.
@@ -154,6 +157,7 @@ def harvest(
     """
     adapter = adapter or student_adapter()
     teacher_adapter = teacher_adapter or default_teacher_adapter(teacher)
+    step_filter = step_filter or GroundedStepFilter()
     signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
     # Locked for the whole run, so that a second harvest into the same file fails at once.
     with store.writing():
@@ -246,7 +250,7 @@ def _run_chain(
     adapter: dspy.ChatAdapter,
     metric: Metric,
     threshold: float,
-    step_filter: StepFilter | None,
+    step_filter: StepFilter,
 ) -> ChainRecord | None:
     eid = example_id(example)
     with dspy.context(trace=[], adapter=teacher_adapter):
@@ -273,26 +277,28 @@ def _run_chain(
     if score < threshold:
         return ChainRecord(eid, rollout, kept=False, reason="metric", score=score, answer=answer)
 
-    samples, filtered = [], Counter()
+    samples: list[StepSample] = []
+    filtered: Counter[str] = Counter()
     for step, (predictor, inputs, outputs) in enumerate(trace):
         name, stage = stages[id(predictor)]
         signature = signatures[name]
         inputs = {k: v for k, v in inputs.items() if k in signature.input_fields}
         outputs = {k: outputs[k] for k in signature.output_fields}
-        if step_filter is not None and (why := step_filter(stage.value, inputs, outputs)):
+        why = step_filter(stage.value, inputs, outputs)
+        if why:
             filtered[why] += 1
-            continue
         formatted = adapter.format_finetune_data(signature=signature, demos=[], inputs=inputs, outputs=outputs)
         samples.append(
-            {
-                "messages": formatted["messages"],
-                "stage": stage.value,
-                "step": step,
-                "predictor": name,
-                "example_id": eid,
-                "rollout": rollout,
-                "score": score,
-            }
+            StepSample(
+                messages=formatted["messages"],
+                stage=stage.value,
+                step=step,
+                predictor=name,
+                example_id=eid,
+                rollout=rollout,
+                score=score,
+                filtered=why,
+            )
         )
     return ChainRecord(
         eid, rollout, kept=True, reason=None, score=score, answer=answer, samples=samples, filtered=dict(filtered)

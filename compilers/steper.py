@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+from dspy.teleprompt.bootstrap_finetune import assert_structural_equivalency
 from dspy.teleprompt.teleprompt import Teleprompter
 
 from steper_dspy.adapter import student_adapter
@@ -15,9 +16,10 @@ from steper_dspy.compilers.harvest import HarvestReport, Metric, harvest
 from steper_dspy.compilers.store import HarvestStore
 from steper_dspy.compilers.student import run_on_student, save_compiled, student_lm
 from steper_dspy.errors import SteperError
-from steper_dspy.evals.metrics import answer_exact_match
 from steper_dspy.lm.local import program_concurrency
+from steper_dspy.metrics import answer_exact_match
 from steper_dspy.programs.stages import predictor_stages
+from steper_dspy.stages import STAGES
 from steper_dspy.training import TrainingConfig, TrainingResult, train_student
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ class STEPER(Teleprompter):
         stages: Which stages' samples train the student (default all three).
         rollouts: Teacher chains per question (extra ones sampled at `rollout_temperature`).
         rollout_temperature: Sampling temperature for rollouts after the first.
-        step_filter: Drops single ungrounded steps of kept chains (e.g. ``GroundedStepFilter()``).
+        step_filter: Trains without the steps of kept chains that a step filter flags (e.g.
+            ``GroundedStepFilter()``, the paper's open question 1). The harvest records every step with the
+            verdict of this filter (of `GroundedStepFilter` when None), so compilers sharing a harvest file
+            can differ in this setting alone.
         harvest_path: The harvest JSONL (default ``<output_dir>/harvest.jsonl``); share it between
             compilers to train them all on the same chains.
         num_threads: Parallel teacher calls; by default what the teacher's LM serves at once (see
@@ -56,7 +61,7 @@ class STEPER(Teleprompter):
     """
 
     weighting_default = "adaptive"
-    stages_default: tuple[str, ...] = ("init", "expand", "aggregate")
+    stages_default: tuple[str, ...] = tuple(stage.value for stage in STAGES)
 
     def __init__(
         self,
@@ -137,8 +142,10 @@ class STEPER(Teleprompter):
 
     def _prepare_teacher(self, student: dspy.Module, teacher: dspy.LM | dspy.Module) -> dspy.Module:
         if isinstance(teacher, dspy.Module):
-            if {n for n, _ in teacher.named_predictors()} != {n for n, _ in student.named_predictors()}:
-                raise SteperError("The teacher program must have the same predictors as the student program.")
+            try:
+                assert_structural_equivalency(student, teacher)
+            except AssertionError as err:
+                raise SteperError(f"The teacher program must have the student program's predictors: {err}") from None
             return teacher
         if isinstance(teacher, dspy.BaseLM):
             program = student.deepcopy()
@@ -174,7 +181,7 @@ class STEPER(Teleprompter):
         return report
 
     def _train(self) -> TrainingResult:
-        samples = list(HarvestStore(self.harvest_path).samples())
+        samples = list(HarvestStore(self.harvest_path).samples(drop_filtered=self.step_filter is not None))
         if not samples:
             raise SteperError(f"{self.harvest_path} holds no kept chain: use a stronger teacher or a lower threshold.")
         return train_student(

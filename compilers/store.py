@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from steper_dspy.errors import SteperError
+from steper_dspy.samples import StepSample
 
 try:
     import fcntl
@@ -28,9 +29,8 @@ class ChainRecord:
         reason: Why a chain was dropped (``"metric"``, ``"parse_error"``, ``"error"``), None when kept.
         score: The metric's score of the chain's final answer.
         answer: The teacher's final answer.
-        samples: The chain's step samples, in call order: ``{"messages", "stage", "step", "predictor",
-            "example_id", "rollout", "score"}``; steps a step filter dropped are absent.
-        filtered: ``{reason: count}`` of steps a step filter dropped from a kept chain.
+        samples: The chain's step samples (`StepSample`), in call order, each with the step filter's verdict.
+        filtered: ``{reason: count}`` of steps the step filter flagged in a kept chain.
     """
 
     example_id: str
@@ -39,7 +39,7 @@ class ChainRecord:
     reason: str | None
     score: float
     answer: str | None = None
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[StepSample] = field(default_factory=list)
     filtered: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -148,11 +148,11 @@ class HarvestStore:
                         seen.add(record.key)
                         yield record
 
-    def samples(self) -> Iterator[dict[str, Any]]:
-        """The step samples of every kept chain."""
+    def samples(self, *, drop_filtered: bool = False) -> Iterator[StepSample]:
+        """The step samples of every kept chain (without the steps a step filter flagged, if asked)."""
         for record in self.records():
             if record.kept:
-                yield from record.samples
+                yield from (s for s in record.samples if not (drop_filtered and s.get("filtered")))
 
     def append(self, record: ChainRecord) -> None:
         """Write one chain durably; a chain already in the file is not written twice.

@@ -1,4 +1,4 @@
-"""Evaluation: multi-hop QA datasets, answer metrics and a one-call evaluation report."""
+"""Evaluation: multi-hop QA datasets, a one-call evaluation report, experiments and speed benchmarks."""
 
 from steper_dspy.evals.datasets import (
     MultiHopDataset,
@@ -10,15 +10,10 @@ from steper_dspy.evals.datasets import (
     train_test_split,
 )
 from steper_dspy.evals.evaluate import EvaluationReport, evaluate_program
-from steper_dspy.evals.metrics import METRICS, answer_accuracy, answer_exact_match, answer_f1
 
 __all__ = [
-    "METRICS",
     "EvaluationReport",
     "MultiHopDataset",
-    "answer_accuracy",
-    "answer_exact_match",
-    "answer_f1",
     "evaluate_program",
     "load_2wiki",
     "load_hotpotqa",

@@ -11,8 +11,9 @@ from typing import Any
 import dspy
 
 from steper_dspy.errors import SteperError
-from steper_dspy.evals.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
 from steper_dspy.lm.local import program_concurrency
+from steper_dspy.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
+from steper_dspy.retrieval import passage_title
 
 
 @dataclass
@@ -241,14 +242,8 @@ def _steps(prediction: Any) -> int | float | None:
 
 
 def _title_recall(gold_titles: list[str], passages: Any) -> float:
-    retrieved = {_passage_title(p) for p in passages or []}
+    retrieved = {passage_title(str(p)) for p in passages or []}
     return sum(title in retrieved for title in gold_titles) / len(gold_titles)
-
-
-def _passage_title(passage: Any) -> str:
-    if isinstance(passage, dict):
-        return str(passage.get("title", ""))
-    return str(passage).split(" | ", 1)[0].strip()
 
 
 def _aggregate(rows: list[dict]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from steper_dspy.programs.ircot import IRCoT
 from steper_dspy.programs.multistep import Evidence, MultiStepRAG
+from steper_dspy.programs.registry import PROGRAMS, make_program
 from steper_dspy.programs.self_ask import SelfAsk
 from steper_dspy.programs.signatures import (
     AggregateReasoning,
@@ -11,8 +12,6 @@ from steper_dspy.programs.signatures import (
     InitializeReasoning,
 )
 from steper_dspy.programs.stages import predictor_stages, stage_by_predictor_id
-
-PROGRAMS = {"ircot": IRCoT, "self-ask": SelfAsk}
 
 __all__ = [
     "PROGRAMS",
@@ -25,6 +24,7 @@ __all__ = [
     "InitializeReasoning",
     "MultiStepRAG",
     "SelfAsk",
+    "make_program",
     "predictor_stages",
     "stage_by_predictor_id",
 ]

@@ -5,13 +5,20 @@ from pathlib import Path
 
 import pytest
 
+import steper_dspy.evals
 from steper_dspy import SteperError
-from steper_dspy.cli.config import RunConfig
-from steper_dspy.cli.quickstart import quickstart_config
-from steper_dspy.cli.report import write_report
-from steper_dspy.cli.run import load_task
-from steper_dspy.evals import EvaluationReport, benchmark
-from steper_dspy.evals.benchmark import SYSTEMS, run_benchmark, system_config
+from steper_dspy.evals import EvaluationReport
+from steper_dspy.evals.experiment import (
+    SYSTEMS,
+    RunConfig,
+    chosen_systems,
+    load_task,
+    quickstart_config,
+    run_experiment,
+)
+from steper_dspy.evals.experiment import run as experiment_run
+from steper_dspy.evals.experiment.report import write_report
+from steper_dspy.evals.experiment.systems import make_teleprompter
 from tests.test_datasets import HOTPOT_ROW, write_jsonl
 
 
@@ -33,7 +40,7 @@ def test_each_test_file_is_a_test_set_over_its_own_corpus(tmp_path):
 
 
 def test_shipped_2wiki_config_trains_on_2wiki_and_tests_in_and_out_of_domain():
-    config = RunConfig.load(Path(benchmark.__file__).parent / "configs" / "2wiki-hotpotqa.yaml")
+    config = RunConfig.load(Path(steper_dspy.evals.__file__).parent / "configs" / "2wiki-hotpotqa.yaml")
     assert Path(config.data).name == "2wikimultihopqa_train500.jsonl"
     assert [Path(p).name for p in config.test_data] == ["2wikimultihopqa_dev164.jsonl", "hotpotqa_dev200.jsonl"]
     training = config.training_config()
@@ -41,15 +48,31 @@ def test_shipped_2wiki_config_trains_on_2wiki_and_tests_in_and_out_of_domain():
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 8
 
 
-def test_systems_set_stages_weighting_and_stage_weights():
-    config = RunConfig(training={"learning_rate": 1e-3})
-    vanilla = system_config(config, SYSTEMS["vanilla-kd"]).training_config()
-    assert (vanilla.stages, vanilla.weighting) == (("aggregate",), "uniform")
-    fixed = system_config(config, SYSTEMS["fixed"]).training_config()
-    assert fixed.weighting == "fixed" and fixed.stage_weights == {"init": 1.0, "expand": 1.0, "aggregate": 1.0}
-    assert fixed.learning_rate == 1e-3
-    ablation = system_config(config, SYSTEMS["steper-agg-init"]).training_config()
-    assert (ablation.stages, ablation.weighting) == (("init", "aggregate"), "adaptive")
+def test_systems_are_teleprompters_with_their_stages_weighting_and_stage_weights(tmp_path):
+    from steper_dspy.compilers import STEPER, StepwiseKD, VanillaKD
+
+    config = RunConfig(training={"learning_rate": 1e-3}, output=str(tmp_path))
+
+    def teleprompter(name):
+        return make_teleprompter(config, SYSTEMS[name], tmp_path / name)
+
+    vanilla = teleprompter("vanilla-kd")
+    assert type(vanilla) is VanillaKD and (vanilla.training.stages, vanilla.training.weighting) == (
+        ("aggregate",),
+        "uniform",
+    )
+    fixed = teleprompter("fixed")
+    assert type(fixed) is StepwiseKD and fixed.training.weighting == "fixed"
+    assert fixed.training.stage_weights == {"init": 1.0, "expand": 1.0, "aggregate": 1.0}
+    assert fixed.training.learning_rate == 1e-3
+    ablation = teleprompter("steper-agg-init")
+    assert type(ablation) is STEPER and (ablation.training.stages, ablation.training.weighting) == (
+        ("init", "aggregate"),
+        "adaptive",
+    )
+    assert teleprompter("steper-grounded").step_filter is not None and teleprompter("steper").step_filter is None
+    assert {t.harvest_path for t in map(teleprompter, SYSTEMS)} == {tmp_path / "harvest.jsonl"}  # one harvest
+    assert chosen_systems(["steper"], ablations=True)[0] == "steper" and "fixed" in chosen_systems([], ablations=True)
 
 
 def test_report_has_the_paper_shaped_table_for_several_test_sets(tmp_path):
@@ -74,10 +97,10 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
         task.testsets[0].examples = task.testsets[0].examples[:3]
         return task
 
-    monkeypatch.setattr(benchmark, "load_task", first_questions)
+    monkeypatch.setattr(experiment_run, "load_task", first_questions)
     config = quickstart_config(output=str(tmp_path / "bench"), student=str(tiny_model_dir))
     config.training = {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 8192, "logging_steps": 1}
-    results = run_benchmark(config, systems=("vanilla-kd", "fixed"), include_untrained=False)
+    results = run_experiment(config, systems=["vanilla-kd", "fixed"], include_teacher=True)
     (by_system,) = results.values()
     assert list(by_system) == ["teacher", "Vanilla-KD", "step-wise KD (fixed 1:1:1 per stage)"]
     out = tmp_path / "bench"
@@ -88,5 +111,6 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 3 and {r["test_set"] for r in rows} == {"synthetic (held out)"}
     assert "## synthetic (held out)" in (out / "report.md").read_text()
+    assert (out / "vanilla-kd" / "program" / "steper_program.json").is_file()  # saved by STEPER.compile
     with pytest.raises(SteperError, match="Unknown system"):
-        run_benchmark(config, systems=("no-such-system",))
+        chosen_systems(["no-such-system"])

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from steper_dspy import SteperError
 from steper_dspy.cli.app import app
-from steper_dspy.cli.config import RunConfig
-from steper_dspy.cli.specs import is_api_model, make_lm, make_program
-from steper_dspy.programs import IRCoT, SelfAsk
+from steper_dspy.evals.experiment import RunConfig
+from steper_dspy.lm import is_api_model, make_lm
+from steper_dspy.programs import IRCoT, SelfAsk, make_program
 from steper_dspy.retrieval import BM25Retriever
 
 RETRIEVER = BM25Retriever(["A | alpha text", "B | beta text"])
@@ -43,6 +43,41 @@ def test_bad_configs_are_named(tmp_path, text, suffix, message):
         RunConfig.load(path)
     with pytest.raises(SteperError, match="does not exist"):
         RunConfig.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("k: four\n", r"k = 'four': Input should be a valid integer"),
+        ("threads: many\n", r"threads = 'many': Input should be a valid integer"),
+        ("step_filter: maybe\n", r"step_filter = 'maybe': Input should be a valid boolean"),
+        ("engine: fast\n", r"engine = 'fast': Input should be 'auto', 'vllm' or 'transformers'"),
+        ("metric: bleu\n", r"metric = 'bleu'"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_named_with_its_key_value_and_type(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(SteperError, match=message):
+        RunConfig.load(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "steper_dspy.cli", "harvest", "-c", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stdout.strip().splitlines()) <= 3 and "error:" in result.stdout  # one (wrapped) line
+
+
+def test_the_package_exports_the_names_a_user_needs_and_imports_fast():
+    import steper_dspy
+
+    assert len(steper_dspy.__all__) <= 25
+    for name in ("STEPER", "VanillaKD", "StepwiseKD", "IRCoT", "SelfAsk", "MultiStepRAG", "Stage", "BM25Retriever",
+                 "local_lm", "recorded_lm", "load_compiled", "evaluate_program", "load_multihop", "TrainingConfig",
+                 "SteperError"):  # fmt: skip
+        assert name in steper_dspy.__all__ and getattr(steper_dspy, name) is not None
+    code = "import sys, steper_dspy; print(int('dspy' in sys.modules), int('torch' in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["0", "0"]  # nothing heavy is imported until a name is used
 
 
 def test_model_specs_tell_api_models_from_local_weights(tmp_path):

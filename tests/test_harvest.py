@@ -3,7 +3,8 @@ import json
 import dspy
 import pytest
 
-from steper_dspy.compilers import GroundedStepFilter, HarvestStore, harvest, student_adapter
+from steper_dspy.adapter import student_adapter
+from steper_dspy.compilers import GroundedStepFilter, HarvestStore, harvest
 from steper_dspy.programs import IRCoT
 from tests.scripted import PASSAGES, ListRetriever, scripted_teacher
 

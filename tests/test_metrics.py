@@ -3,7 +3,7 @@
 import dspy
 import pytest
 
-from steper_dspy.evals.metrics import METRICS, answer_accuracy, answer_exact_match, answer_f1
+from steper_dspy.metrics import METRICS, answer_accuracy, answer_exact_match, answer_f1
 
 
 def ex(answer, aliases=None) -> dspy.Example:

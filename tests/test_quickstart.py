@@ -4,10 +4,16 @@ import dspy
 import pytest
 
 from steper_dspy import SteperError
-from steper_dspy.cli.quickstart import quickstart_config, recorded_teacher_path
-from steper_dspy.cli.run import load_task, teacher_lm, teacher_program
-from steper_dspy.compilers import HarvestStore, harvest, student_adapter
-from steper_dspy.evals import METRICS
+from steper_dspy.adapter import student_adapter
+from steper_dspy.compilers import HarvestStore, harvest
+from steper_dspy.evals.experiment import (
+    load_task,
+    quickstart_config,
+    recorded_teacher_path,
+    teacher_lm,
+    teacher_program,
+)
+from steper_dspy.metrics import METRICS
 
 
 @pytest.fixture(scope="module")

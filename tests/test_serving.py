@@ -22,7 +22,7 @@ import transformers
 from dspy.utils.exceptions import AdapterParseError
 from packaging.version import Version
 
-from steper_dspy.cli.specs import make_lm
+from steper_dspy.lm import make_lm
 
 pytest.importorskip("fastapi", reason="transformers serve needs the serving deps: pip install -e .[test]")
 pytest.importorskip("uvicorn", reason="transformers serve needs the serving deps: pip install -e .[test]")

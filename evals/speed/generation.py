@@ -75,7 +75,7 @@ class GenerationBenchmark:
 
 def run_generation_benchmark(settings: GenerationBenchmark, out: Path) -> dict[str, Any]:
     """Run every (model, engine, concurrency, workload) and write ``results.json`` and ``generation.png``."""
-    from steper_dspy.cli.specs import smollm2_student
+    from steper_dspy.evals.experiment.quickstart import smollm2_student
 
     unknown = set(settings.engines) - set(ENGINES)
     if unknown:
@@ -188,7 +188,7 @@ def _recorded_requests(n: int) -> list[Any]:
     """The first `n` requests of the shipped quickstart recording, as DSPy requests (greedy, its max_tokens)."""
     from dspy.lm15 import Config, Message, Request
 
-    from steper_dspy.cli.quickstart import recorded_teacher_path
+    from steper_dspy.evals.experiment.quickstart import recorded_teacher_path
 
     requests = []
     for line in recorded_teacher_path().read_text().splitlines():
@@ -265,7 +265,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def print_results(results: dict[str, Any]) -> None:
     """The table: one row per run, with its speed-up over the sequential engine."""
-    from steper_dspy.cli.report import console
+    from steper_dspy.evals.experiment.report import console
 
     table = Table(title=f"Generation on {results['machine']['cpu']} ({results['machine']['cores']} cores)")
     for header in ("model", "workload", "engine", "concurrency", "s/call", "s/question", "tokens/s", "cached %",

@@ -11,12 +11,11 @@ the top-k passage indices. Top-k agreement is checked on identical BM25 settings
 `BM25Okapi(epsilon=0)`, same k1 and b: the same formula up to a constant factor) and reported for the
 configurations as shipped (our retriever's `lucene` idf against `BM25Okapi`'s defaults) as well.
 
-Run it with `steper speed retrieval` (or `python -m steper_dspy.evals.speed.retrieval`).
+Run it with `steper speed retrieval`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import math
@@ -456,7 +455,7 @@ def agreement_line(entry: dict[str, Any]) -> str:
 
 def print_results(results: dict[str, Any]) -> None:
     """Print one comparison table per corpus size, with its agreement line."""
-    from steper_dspy.cli.report import console
+    from steper_dspy.evals.experiment.report import console
 
     settings = results["settings"]
     for n, entry in results["sizes"].items():
@@ -494,29 +493,3 @@ def _plot(sizes: dict[str, Any], out: Path) -> Path:
         ("index memory MiB", groups, series("index_mb")),
     ]
     return bar_plot(out, panels, log=True)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[RetrievalBenchmark, str]:
-    """The benchmark's settings and output folder from command-line flags."""
-    defaults = RetrievalBenchmark()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default=",".join(str(n) for n in defaults.sizes), help="Comma-separated.")
-    for name in ("baseline_max_size", "queries", "baseline_queries", "k", "vocab_size", "mean_words", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("k1", "b", "zipf"):
-        parser.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--output", "-o", default="runs/speed-retrieval")
-    args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "output"}
-    values["sizes"] = tuple(int(s) for s in args.sizes.split(",") if s.strip())
-    return RetrievalBenchmark(**values), args.output
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m steper_dspy.evals.speed.retrieval`: run the comparison and print the tables."""
-    settings, output = parse_args(argv)
-    print_results(run_retrieval_benchmark(settings, output))
-
-
-if __name__ == "__main__":
-    main()

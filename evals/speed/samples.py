@@ -88,11 +88,11 @@ def gold_chain_samples(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
     Returns:
         Harvested samples, `{"messages", "stage", "step", ...}`, in harvest order.
     """
-    from steper_dspy.cli.specs import make_program
     from steper_dspy.compilers.harvest import harvest
     from steper_dspy.compilers.store import HarvestStore
     from steper_dspy.compilers.student import student_adapter
     from steper_dspy.evals import synthetic_multihop
+    from steper_dspy.programs import make_program
     from steper_dspy.retrieval import BM25Retriever
 
     data = synthetic_multihop(seed=seed, num_questions=max(8, math.ceil(n / SAMPLES_PER_QUESTION) + 4))

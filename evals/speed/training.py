@@ -8,12 +8,11 @@ prompt-completion rows (the format DSPy's local fine-tuning feeds it). Each trai
 so peak memory is its own. Reported: non-padding tokens per second over `Trainer.train`, peak memory,
 the last steps' training loss and the loss on held-out samples computed the same way for both.
 
-Run it with `steper speed training` (or `python -m steper_dspy.evals.speed.training`).
+Run it with `steper speed training`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import multiprocessing
@@ -21,7 +20,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +190,7 @@ def table_rows(results: dict[str, Any]) -> list[Row]:
 
 def print_results(results: dict[str, Any]) -> None:
     """Print the comparison table and where the files went."""
-    from steper_dspy.cli.report import console
+    from steper_dspy.evals.experiment.report import console
 
     settings = results["settings"]
     title = (
@@ -218,7 +216,7 @@ def _fmt_loss(value: float | None) -> str:
 
 
 def _default_model() -> str:
-    from steper_dspy.cli.specs import smollm2_student
+    from steper_dspy.evals.experiment.quickstart import smollm2_student
 
     return smollm2_student()
 
@@ -460,32 +458,3 @@ def _plot(runs: dict[str, dict[str, Any]], out: Path) -> Path:
     figures.append(("held-out loss", "heldout_loss"))
     panels = [(title, [""], {names[k]: [run.get(key)] for k, run in runs.items()}) for title, key in figures]
     return bar_plot(out, panels)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainingBenchmark, str]:
-    """The benchmark's settings and output folder from command-line flags."""
-    defaults = TrainingBenchmark()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="Student base model (default SmolLM2-135M).")
-    for name in ("steps", "batch_size", "grad_accum", "max_length", "lora_r", "lora_alpha", "seed", "eval_samples"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--weighting", default=defaults.weighting, choices=("uniform", "adaptive"))
-    parser.add_argument("--harvest", default=None, help="Train on this harvest file's kept samples.")
-    parser.add_argument("--trainers", default=",".join(TRAINERS), help="Comma-separated: ours,trl.")
-    parser.add_argument("--output", "-o", default="runs/speed-training")
-    args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "output"}
-    values["trainers"] = tuple(t.strip() for t in args.trainers.split(",") if t.strip())
-    return TrainingBenchmark(**values), args.output
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m steper_dspy.evals.speed.training`: run the comparison and print the table."""
-    settings, output = parse_args(argv)
-    results = run_training_benchmark(settings, output)
-    print_results(results)
-
-
-if __name__ == "__main__":
-    main()

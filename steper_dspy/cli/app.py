@@ -1,6 +1,5 @@
 """The `steper` command line: harvest, train, compile, eval and quickstart."""
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -8,22 +7,19 @@ from typing import Annotated
 
 import typer
 
-from steper_dspy.cli.config import RunConfig
-from steper_dspy.cli.quickstart import quickstart_config
-from steper_dspy.cli.report import Results, console, print_results, write_report
-from steper_dspy.cli.run import (
-    Timings,
-    evaluate_system,
-    load_task,
-    make_teleprompter,
-    model_lm,
-    save_student_program,
-    student_lm,
-    teacher_lm,
-    teacher_program,
-)
 from steper_dspy.cli.speed import speed_app
-from steper_dspy.evals.benchmark import ABLATIONS, MAIN_SYSTEMS, run_benchmark
+from steper_dspy.evals.experiment import (
+    MAIN_SYSTEMS,
+    RunConfig,
+    chosen_systems,
+    model_lm,
+    quickstart_config,
+    run_evaluation,
+    run_experiment,
+    run_harvest,
+    run_training,
+)
+from steper_dspy.evals.experiment.report import console
 
 app = typer.Typer(
     help="Compile multi-step retrieval-augmented reasoning programs into small local models (STEPER on DSPy).",
@@ -121,7 +117,7 @@ EngineOpt = Annotated[
 
 
 # The command options that are run settings (the rest, e.g. `--model` of eval, are the command's own).
-RUN_OPTIONS = {f.name for f in dataclasses.fields(RunConfig)} | {"epochs", "lr"}
+RUN_OPTIONS = set(RunConfig.model_fields) | {"epochs", "lr"}
 
 
 def _config(config: Path | None, **options: object) -> RunConfig:
@@ -136,7 +132,7 @@ def _config(config: Path | None, **options: object) -> RunConfig:
             training["num_train_epochs"] = epochs
         if lr is not None:
             training["learning_rate"] = lr
-        cfg = RunConfig.load(None, **{**cfg.__dict__, "training": training})
+        cfg = cfg.replace(training=training)
     return cfg
 
 
@@ -162,13 +158,7 @@ def harvest(
 
     Example: steper harvest --teacher openai/gpt-4o-mini --data synthetic -o runs/demo --threads 8
     """
-    cfg = _config(**locals())
-    # Saved before the long run, so the record exists if it is stopped and a config edited meanwhile survives.
-    cfg.save(Path(cfg.output) / "config.yaml")
-    task = load_task(cfg)
-    student = task.program(cfg)
-    teacher = teacher_program(cfg, task, teacher_lm(cfg))
-    make_teleprompter(cfg).harvest(student, trainset=task.trainset, teacher=teacher)
+    run_harvest(_config(**locals()))
 
 
 @app.command()
@@ -185,9 +175,7 @@ def train(
 
     Example: steper train -o runs/demo --student HuggingFaceTB/SmolLM2-135M-Instruct --weighting adaptive
     """
-    cfg = _config(**locals())
-    cfg.save(Path(cfg.output) / "config.yaml")
-    result = make_teleprompter(cfg).train()
+    result = run_training(_config(**locals()))
     console.print(
         f"trained {result.output_dir}: final loss {result.final_loss:.3f}, sigmas {result.sigmas}, "
         f"{result.tokens_per_second:.0f} tokens/s"
@@ -223,8 +211,7 @@ def compile_(
 
     Example: steper compile --teacher openai/gpt-4o-mini --student HuggingFaceTB/SmolLM2-135M-Instruct -o runs/demo
     """
-    cfg = _config(**locals())
-    compile_and_report(cfg, title="steper compile", compare_untrained=False, compare_teacher=False)
+    run_experiment(_config(**locals()), title="steper compile")
 
 
 @app.command(name="eval")
@@ -255,19 +242,7 @@ def eval_(
     Example: steper eval --model runs/demo/model --data synthetic --test-size 30
     """
     cfg = _config(**locals())
-    task = load_task(cfg)
-    timings, results = Timings(), {}
-    lm = model_lm(cfg, model, student=as_student)
-    evaluate_system(results, timings, model, cfg, task, lm, student=as_student)
-    print_results(results)
-    path = write_report(
-        Path(cfg.output),
-        results,
-        title="steper eval",
-        details={"model": model, "data": cfg.data},
-        timings=timings.seconds,
-    )
-    console.print(f"report: {path}")
+    run_evaluation(cfg, model, model_lm(cfg, model, student=as_student), student=as_student)
 
 
 @app.command()
@@ -287,8 +262,9 @@ def quickstart(
 
     Example: steper quickstart            (or --teacher openai/gpt-4o-mini for a live teacher)
     """
-    cfg = quickstart_config(**locals())
-    compile_and_report(cfg, title="steper quickstart", compare_untrained=True, compare_teacher=True)
+    run_experiment(
+        quickstart_config(**locals()), include_teacher=True, include_untrained=True, title="steper quickstart"
+    )
 
 
 @app.command()
@@ -314,11 +290,15 @@ def benchmark(
         str,
         typer.Option(
             help="Comma-separated student systems: vanilla-kd, stepwise-kd, steper, and the ablations "
-            "steper-agg-init, steper-agg-expand (which stages' data), fixed (weighting). Example: --systems steper,vanilla-kd"
+            "steper-agg-init, steper-agg-expand (which stages' data), fixed (weighting), steper-grounded (step filter). "
+            "Example: --systems steper,vanilla-kd"
         ),
     ] = ",".join(MAIN_SYSTEMS),
     ablations: Annotated[
-        bool, typer.Option("--ablations", help="Add the paper's ablations to --systems (stage data and weighting).")
+        bool,
+        typer.Option(
+            "--ablations", help="Add the paper's ablations to --systems (stage data, weighting, step filter)."
+        ),
     ] = False,
 ) -> None:
     """The paper's comparison: teacher, untrained student, Vanilla-KD, step-wise KD and STEPER on the same
@@ -327,62 +307,9 @@ def benchmark(
 
     Example: steper benchmark --teacher qwen2.5-coder-1.5b.gguf --data 2wikimultihopqa_train500.jsonl --test-data 2wikimultihopqa_dev164.jsonl --test-data hotpotqa_dev200.jsonl --ablations -o runs/bench
     """
-    cfg = _config(**locals())
-    chosen = [s.strip() for s in systems.split(",") if s.strip()]
-    if ablations:
-        chosen += [s for s in ABLATIONS if s not in chosen]
-    run_benchmark(cfg, systems=tuple(chosen))
-
-
-def compile_and_report(cfg: RunConfig, *, title: str, compare_untrained: bool, compare_teacher: bool) -> None:
-    """Harvest, train, evaluate the chosen systems, print the table and write report.md and plots."""
-    out = Path(cfg.output)
-    cfg.save(out / "config.yaml")
-    timings = Timings()
-    with timings.track("load data"):
-        task = load_task(cfg)
-    results: Results = {}
-    teleprompter = make_teleprompter(cfg)
-    teacher = teacher_lm(cfg)
-    with timings.track("harvest"):
-        harvest_report = teleprompter.harvest(
-            task.program(cfg), trainset=task.trainset, teacher=teacher_program(cfg, task, teacher)
-        )
-    if compare_untrained:
-        evaluate_system(results, timings, "untrained student", cfg, task, student_lm(cfg, cfg.student), student=True)
-    with timings.track("train"):
-        training = teleprompter.train()
-    trained = student_lm(cfg, training.output_dir)
-    evaluate_system(results, timings, f"STEPER student ({cfg.weighting})", cfg, task, trained, student=True)
-    if compare_teacher:
-        evaluate_system(results, timings, "teacher", cfg, task, teacher, student=False)
-    program_dir = save_student_program(cfg, task, training.output_dir, trained)
-    print_results(results)
-    details = {
-        "program": cfg.program,
-        "data": cfg.data,
-        "train questions": str(len(task.trainset)),
-        "test questions": ", ".join(f"{len(t.examples)} ({t.name})" for t in task.testsets),
-        "teacher": cfg.teacher or f"recording {cfg.recording}",
-        "student": cfg.student,
-        "weighting": cfg.weighting,
-        "compiled program": str(program_dir),
-        "trained model": str(training.output_dir),
-        "training tokens/s": f"{training.tokens_per_second:.0f}",
-    }
-    path = write_report(
-        out,
-        results,
-        title=title,
-        details=details,
-        timings=timings.seconds,
-        harvest_summary=harvest_report.summary(),
-        training_log=training.log_path,
-    )
-    total = sum(timings.seconds.values())
-    console.print(
-        f"report: {path}  (plots beside it); total {total / 60:.1f} min: "
-        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.seconds.items())
+    chosen = chosen_systems([name.strip() for name in systems.split(",") if name.strip()], ablations=ablations)
+    run_experiment(
+        _config(**locals()), systems=chosen, include_teacher=True, include_untrained=True, title="STEPER benchmark"
     )
 
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from steper_dspy.cli.report import console
 from steper_dspy.errors import SteperError
+from steper_dspy.evals.experiment.report import console
 from steper_dspy.evals.speed import generation as generation_bench
 from steper_dspy.evals.speed import retrieval as retrieval_bench
 from steper_dspy.evals.speed import training as training_bench
@@ -126,9 +126,9 @@ def generation(
     recording_calls: Annotated[int, typer.Option(help="Requests of the recording per run.")] = G.recording_calls,
     questions: Annotated[int, typer.Option(help="Dev questions (whole chains) per dataset.")] = G.questions,
     batch_size: Annotated[int, typer.Option(help="Batch size of the batched in-process engine.")] = G.batch_size,
-    concurrency: Annotated[
-        str, typer.Option(help="Comma-separated concurrent requests of the vLLM runs.")
-    ] = ",".join(str(c) for c in G.concurrency),
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrent requests of the vLLM runs.")] = ",".join(
+        str(c) for c in G.concurrency
+    ),
     data_dir: Annotated[str, typer.Option(help="Folder of the 2Wiki / HotpotQA dev files.")] = G.data_dir,
     output: OutputOpt = None,
 ) -> None:
@@ -163,9 +163,7 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s.replace("_", "")) for s in text.split(",") if s.strip())
     except ValueError:
-        raise SteperError(
-            f"{text!r} is not a comma-separated list of whole numbers, e.g. 10000,100000."
-        ) from None
+        raise SteperError(f"{text!r} is not a comma-separated list of whole numbers, e.g. 10000,100000.") from None
 
 
 @contextmanager

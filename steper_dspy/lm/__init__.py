@@ -11,6 +11,8 @@ _EXPORTS = {
     "chat_training_ids": "steper_dspy.lm.chat",
     "completion_ids": "steper_dspy.lm.chat",
     "default_dtype": "steper_dspy.lm.models",
+    "is_api_model": "steper_dspy.lm.specs",
+    "make_lm": "steper_dspy.lm.specs",
     "load_model": "steper_dspy.lm.models",
     "materialize_gguf": "steper_dspy.lm.models",
     "model_fingerprint": "steper_dspy.lm.models",

