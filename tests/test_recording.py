@@ -138,3 +138,17 @@ def test_records_a_local_model(tiny_model_dir, tmp_path, monkeypatch):
     with pytest.warns(DeprecationWarning):
         recorded = recorded_lm(path, live)(messages=request)
         assert recorded_lm(path)(messages=request) == recorded == live(messages=request)
+
+
+def test_a_copied_program_records_through_the_same_engine(tmp_path, caplog, tiny_model_dir):
+    import copy
+
+    lm = recorded_lm(tmp_path / "teacher.jsonl", _live("London"))
+    predict = dspy.Predict("question -> answer")
+    predict.lm = lm
+    with caplog.at_level("WARNING"):
+        copied = predict.deepcopy()
+    assert copied.lm is not lm and copied.lm.engine is lm.engine  # one engine appends to the file
+    assert "Failed to deep copy" not in caplog.text
+    local = local_lm(tiny_model_dir)
+    assert copy.deepcopy(local).engine is local.engine  # copies share the loaded model

@@ -158,6 +158,10 @@ class TransformersEngine:
         self._loaded: _Loaded | None = None
         self._fingerprint: str | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> TransformersEngine:
+        # Copies of a program share the loaded model (and its batcher), as engines with equal settings do.
+        return self
+
     @property
     def fingerprint(self) -> str:
         """Content hash of the weights, config and tokenizer (and the adapter's files)."""

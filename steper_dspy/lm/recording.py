@@ -139,6 +139,11 @@ class RecordingEngine:
         self._load()
         self.settings = self.default_settings()  # the wrapper's defaults, written to the file's header
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> RecordingEngine:
+        # A copied program (rollouts, DSPy's optimizers) records into the same file through the same engine:
+        # two engines appending to one file would race, and the live LM is a client, not state to duplicate.
+        return self
+
     @property
     def model_string(self) -> str:
         """`steper-record/<live model>` while recording; `steper-replay/<file>@<content hash>` when replaying."""

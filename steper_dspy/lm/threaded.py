@@ -16,6 +16,9 @@ class ThreadedAsyncEngine:
     def __init__(self, sync: Any):
         self.sync = sync
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ThreadedAsyncEngine:
+        return self  # its sync engine is shared by copies (see their __deepcopy__)
+
     async def complete(self, request: Request) -> Response:
         """Answer one request without blocking the event loop."""
         return await asyncio.to_thread(self.sync.complete, request)
