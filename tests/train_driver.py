@@ -4,6 +4,9 @@ Run as ``python -m tests.train_driver MODEL OUTPUT [--step-delay S] [--tear-chec
 root. It trains on :func:`samples` with :func:`config` (8 steps, a checkpoint every 2) and prints ``step N`` after
 each optimizer step, then one JSON line ``{"final_loss", "sigmas", "num_samples"}``.
 
+Under ``accelerate launch`` every process prints its own JSON line, with its ``rank``; ``--batch-size`` sets the
+samples per step and process.
+
 ``--step-delay`` sleeps that long after each step, so that a kill lands mid-run. ``--tear-checkpoint`` writes
 only the first half of the trainer state of the first checkpoint this process saves (the Trainer's last file of a
 checkpoint), prints ``torn PATH`` and waits to be killed: a kill in the middle of writing a checkpoint.
@@ -11,6 +14,7 @@ checkpoint), prints ``torn PATH`` and waits to be killed: a kill in the middle o
 
 import argparse
 import json
+import os
 import time
 from typing import Any
 
@@ -36,12 +40,12 @@ def samples(n: int = 24) -> list[dict[str, Any]]:
     return rows
 
 
-def config() -> Any:
+def config(batch_size: int = 4) -> Any:
     """8 steps of LoRA with adaptive stage weights, logged every step, a checkpoint every 2 (the last 2 kept)."""
     from steper_dspy.training import TrainingConfig
 
     return TrainingConfig(
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=batch_size,
         max_steps=8,
         logging_steps=1,
         save_steps=2,
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--tear-checkpoint", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=4, help="Samples per step and process.")
     args = parser.parse_args(argv)
 
     from transformers.trainer_callback import TrainerState
@@ -83,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
 
         TrainerState.save_to_json = torn_save_to_json
 
-    result = train_student(samples(), args.model, args.output, config(), progress=False)
-    print(json.dumps({"final_loss": result.final_loss, "sigmas": result.sigmas, "num_samples": result.num_samples}))
+    result = train_student(samples(), args.model, args.output, config(args.batch_size), progress=False)
+    line = {"final_loss": result.final_loss, "sigmas": result.sigmas, "num_samples": result.num_samples}
+    print(json.dumps({**line, "rank": int(os.environ.get("RANK", 0))}), flush=True)
 
 
 if __name__ == "__main__":

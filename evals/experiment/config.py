@@ -36,7 +36,8 @@ class RunConfig(BaseModel):
         test_size: Held-out questions for evaluation.
         seed: Seed of the split and of the synthetic example.
         teacher: LM spec: litellm/DSPy string (``openai/gpt-4o-mini``), hub id, local folder or GGUF file.
-        api_base: Endpoint for an API teacher (e.g. a local vLLM or ``transformers serve``).
+        api_base: Endpoint for an API teacher (e.g. a local vLLM or ``transformers serve``), or a list of
+            endpoints serving the same model: each call goes to the least busy live one.
         teacher_max_tokens: Token limit per teacher call.
         teacher_demos: The teacher's demonstrations: ``builtin`` (the program's worked example, IRCoT), which a
             small teacher needs to keep each step to one fact; ``bootstrap`` (two of the teacher's own correct
@@ -70,7 +71,7 @@ class RunConfig(BaseModel):
     test_size: int = 30
     seed: int = 0
     teacher: str | None = None
-    api_base: str | None = None
+    api_base: str | list[str] | None = None
     teacher_max_tokens: int = 256
     teacher_demos: Literal["builtin", "bootstrap", "none"] = "builtin"
     recording: str | None = None
@@ -90,6 +91,11 @@ class RunConfig(BaseModel):
     @classmethod
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("api_base", mode="before")
+    @classmethod
+    def _one_endpoint_is_a_string(cls, value: Any) -> Any:
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
 
     @model_validator(mode="after")
     def _training_settings_are_valid(self) -> "RunConfig":

@@ -35,7 +35,7 @@ def recorded_teacher_path() -> Path:
 def quickstart_config(
     *,
     teacher: str | None = None,
-    api_base: str | None = None,
+    api_base: str | list[str] | None = None,
     output: str | None = None,
     student: str | None = None,
     train_size: int | None = None,

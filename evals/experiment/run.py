@@ -5,6 +5,7 @@ and comparisons; `steper harvest`, `train` and `eval` run its parts.
 """
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ def start_run(config: RunConfig) -> Path:
     """Write ``<output>/config.yaml`` before the long work, so that the run's record exists if it is stopped
     (and a config edited meanwhile is not overwritten at its end); return the output folder."""
     out = Path(config.output)
-    config.save(out / CONFIG_FILE)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one process writes it
+        config.save(out / CONFIG_FILE)
     return out
 
 

@@ -66,7 +66,10 @@ TeacherOpt = Annotated[
     ),
 ]
 ApiBaseOpt = Annotated[
-    str | None, typer.Option(help="Endpoint of an API teacher. Example: --api-base http://127.0.0.1:8000/v1")
+    list[str] | None,
+    typer.Option(
+        help="Endpoint of an API teacher; repeat it for several servers of the same model (each call goes to the least busy live one). Example: --api-base http://127.0.0.1:8000/v1"
+    ),
 ]
 RecordingOpt = Annotated[
     str | None,

@@ -1,5 +1,6 @@
 """An LM from the name a user already uses: a litellm/DSPy model string, a hub id, a local folder or a GGUF file."""
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def is_api_model(spec: str) -> bool:
 def make_lm(
     spec: str,
     *,
-    api_base: str | None = None,
+    api_base: str | Sequence[str] | None = None,
     max_tokens: int = 256,
     engine: str | None = None,
     server_log: str | Path | None = None,
@@ -33,7 +34,8 @@ def make_lm(
     Args:
         spec: ``openai/gpt-4o-mini``, ``hosted_vllm/Qwen/Qwen2.5-7B-Instruct`` (with `api_base`),
             ``ollama_chat/llama3``, ``HuggingFaceTB/SmolLM2-135M-Instruct``, ``./my-model`` or ``model.gguf``.
-        api_base: The endpoint of an API model served locally or remotely.
+        api_base: The endpoint of an API model served locally or remotely; several endpoints of the same model
+            give one LM whose calls go to the least busy live one (see :func:`steper_dspy.lm.pool.pooled_lm`).
         max_tokens: Token limit per call.
         engine: For an API model, DSPy's client engine (``litellm``, ``auto``); for a local one, how it
             generates: ``auto``, ``vllm`` or ``transformers`` (see :func:`steper_dspy.lm.local_lm`).
@@ -43,6 +45,14 @@ def make_lm(
     Raises:
         SteperError: An API model whose key is missing from the environment (naming the variable).
     """
+    if not isinstance(api_base, str | None):
+        bases = list(api_base)
+        if len(bases) > 1:
+            from steper_dspy.lm.pool import pooled_lm
+
+            endpoints = [make_lm(spec, api_base=base, max_tokens=max_tokens, engine=engine, **kwargs) for base in bases]
+            return pooled_lm(endpoints, cache=kwargs.get("cache", True))
+        api_base = bases[0] if bases else None
     if is_api_model(spec):
         if api_base is None:
             _check_api_key(spec)

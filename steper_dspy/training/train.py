@@ -296,6 +296,7 @@ def _training_arguments(checkpoints: Path, config: TrainingConfig, progress: boo
         disable_tqdm=not progress,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter (adapter or model) gets a gradient
         train_sampling_strategy="group_by_length",
         length_column_name="length",
     )
