@@ -11,6 +11,7 @@ from typing import Any
 import dspy
 
 from steper_dspy.errors import SteperError
+from steper_dspy.evals.stats import bootstrap_interval
 from steper_dspy.lm.local import program_concurrency
 from steper_dspy.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
 from steper_dspy.retrieval import passage_title
@@ -36,6 +37,8 @@ class EvaluationReport:
         completion_tokens: Tokens the LMs generated during the evaluation (as their responses report them).
         prompt_tokens: Prompt tokens the LMs were sent.
         cached_prompt_tokens: Those of them a prefix cache served (as a vLLM server reports them; 0 in process).
+        runs: For a system trained with several seeds (see `combine_runs`): each run's accuracy, EM and F1;
+            the report's own figures are their means, and its rows score each question by the mean over runs.
     """
 
     em: float
@@ -51,16 +54,20 @@ class EvaluationReport:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    runs: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | None]:
-        """The headline numbers as one flat dict: em, f1, accuracy, failures, avg_steps, recall, n, seconds per
+        """The headline numbers as one flat dict: em, f1, accuracy (with its 95% bootstrap interval over the
+        questions, `accuracy_ci95`), failures, avg_steps, recall, n, seconds per
         question, generated tokens per second of evaluation wall time, and prompt tokens per question computed
         and served from a prefix cache."""
         n = len(self.rows)
+        low, high = bootstrap_interval([float(row["accuracy"]) for row in self.rows])
         return {
             "em": self.em,
             "f1": self.f1,
             "accuracy": self.accuracy,
+            "accuracy_ci95": [100 * low, 100 * high],
             "failures": self.failures,
             "avg_steps": self.avg_steps,
             "recall": self.recall,
@@ -69,6 +76,11 @@ class EvaluationReport:
             "tokens/s": self.completion_tokens / self.seconds if self.seconds else None,
             "prompt tokens/question": (self.prompt_tokens - self.cached_prompt_tokens) / n if n else None,
             "cached prompt tokens/question": self.cached_prompt_tokens / n if n else None,
+            **(
+                {"seeds": len(self.runs), "accuracy_per_seed": [run["accuracy"] for run in self.runs]}
+                if self.runs
+                else {}
+            ),
         }
 
 
@@ -193,6 +205,38 @@ def _quiet_failures() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def combine_runs(reports: list[EvaluationReport]) -> EvaluationReport:
+    """One report for a system evaluated once per training seed on the same questions: each question scored by
+    the mean of its runs' scores (so intervals and paired tests resample questions), and each run's headline
+    figures kept in `runs`.
+
+    Raises:
+        SteperError: The runs were not on the same questions.
+    """
+    if len(reports) == 1:
+        return reports[0]
+    ids = [[row["id"] for row in report.rows] for report in reports]
+    if any(other != ids[0] for other in ids[1:]):
+        raise SteperError("The runs to combine were evaluated on different questions.")
+    rows = []
+    for question_rows in zip(*(report.rows for report in reports), strict=True):
+        row = dict(question_rows[0])
+        for metric in ("em", "f1", "accuracy", "failed"):
+            row[metric] = sum(float(r[metric]) for r in question_rows) / len(question_rows)
+        row["predicted"] = [r["predicted"] for r in question_rows]
+        rows.append(row)
+    combined = _report(rows)
+    # Failures, time and tokens are those of one run (their mean), so that per-question figures stay per run.
+    runs = len(reports)
+    combined.failures = round(sum(r.failures for r in reports) / runs)
+    combined.seconds = sum(r.seconds for r in reports) / runs
+    combined.completion_tokens = sum(r.completion_tokens for r in reports) // runs
+    combined.prompt_tokens = sum(r.prompt_tokens for r in reports) // runs
+    combined.cached_prompt_tokens = sum(r.cached_prompt_tokens for r in reports) // runs
+    combined.runs = [{"accuracy": r.accuracy, "em": r.em, "f1": r.f1} for r in reports]
+    return combined
 
 
 def build_report(results: Iterable[tuple[dspy.Example, Any]]) -> EvaluationReport:

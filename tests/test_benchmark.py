@@ -100,17 +100,46 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     monkeypatch.setattr(experiment_run, "load_task", first_questions)
     config = quickstart_config(output=str(tmp_path / "bench"), student=str(tiny_model_dir))
     config.training = {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 8192, "logging_steps": 1}
+    config.seeds = [0, 1]
     results = run_experiment(config, systems=["vanilla-kd", "fixed"], include_teacher=True)
     (by_system,) = results.values()
     assert list(by_system) == ["teacher", "Vanilla-KD", "step-wise KD (fixed 1:1:1 per stage)"]
     out = tmp_path / "bench"
-    made = json.loads((out / "fixed" / "model" / "steper_training.json").read_text())
-    assert made["config"]["weighting"] == "fixed"
-    made = json.loads((out / "vanilla-kd" / "model" / "steper_training.json").read_text())
-    assert made["config"]["stages"] == ["aggregate"]
+    made = json.loads((out / "fixed" / "seed-1" / "model" / "steper_training.json").read_text())
+    assert made["config"]["weighting"] == "fixed" and made["config"]["seed"] == 1
+    made = json.loads((out / "vanilla-kd" / "seed-0" / "model" / "steper_training.json").read_text())
+    assert made["config"]["stages"] == ["aggregate"] and made["config"]["seed"] == 0
+    saved = json.loads((out / "results.json").read_text())["results"]["synthetic (held out)"]["Vanilla-KD"]
+    assert saved["seeds"] == 2 and len(saved["accuracy_per_seed"]) == 2 and saved["n"] == 3
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["predicted"], list) for r in rows if r["system"] == "Vanilla-KD")  # one answer a seed
     assert len(rows) == 3 * 3 and {r["test_set"] for r in rows} == {"synthetic (held out)"}
     assert "## synthetic (held out)" in (out / "report.md").read_text()
-    assert (out / "vanilla-kd" / "program" / "steper_program.json").is_file()  # saved by STEPER.compile
+    assert (out / "vanilla-kd" / "seed-0" / "program" / "steper_program.json").is_file()  # saved by STEPER.compile
     with pytest.raises(SteperError, match="Unknown system"):
         chosen_systems(["no-such-system"])
+
+
+def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests():
+    from steper_dspy.evals.evaluate import build_report, combine_runs
+    from steper_dspy.evals.experiment.report import comparisons
+
+    def run(right):  # a report on 40 questions, right on the first `right` of them
+        examples = [type("E", (), {"id": f"q{i}", "question": "?", "answer": "yes"})() for i in range(40)]
+        answers = [type("P", (), {"answer": "yes" if i < right else "no"})() for i in range(40)]
+        return build_report(zip(examples, answers, strict=True))
+
+    steper = combine_runs([run(30), run(34), run(32)])
+    assert steper.accuracy == pytest.approx(80.0) and [r["accuracy"] for r in steper.runs] == [75.0, 85.0, 80.0]
+    low, high = steper.summary()["accuracy_ci95"]
+    assert low < 80.0 < high
+    results = {"2wiki": {"STEPER": steper, "Vanilla-KD": combine_runs([run(10)]), "step-wise KD (uniform)": run(31)}}
+    tests = comparisons(results)["2wiki"]
+    assert tests["STEPER vs Vanilla-KD"]["difference"] == pytest.approx(55.0)
+    assert tests["STEPER vs Vanilla-KD"]["p_value"] < 0.01
+    assert tests["STEPER vs step-wise KD (uniform)"]["p_value"] > 0.05  # 1.5 points on 40 questions
+    assert "mcnemar_p" not in tests["STEPER vs Vanilla-KD"]  # seed means are not 1/0 answers
+    shorter = run(1)
+    shorter.rows = shorter.rows[:5]
+    with pytest.raises(SteperError, match="different questions"):
+        combine_runs([run(1), shorter])

@@ -57,6 +57,9 @@ class RunConfig(BaseModel):
             in-process engine's batch size), 1 for an API model.
         engine: How local models generate: ``auto`` (vLLM when installed), ``vllm`` or ``transformers``.
         training: Training settings (see ``TrainingConfig``).
+        seeds: Training seeds: each trained system is trained and evaluated once per seed (into
+            ``<output>/<system>/seed-<n>``) and reported by the mean over seeds, with intervals and paired tests
+            over the questions; by default once, with ``training.seed``.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -86,6 +89,7 @@ class RunConfig(BaseModel):
     threads: int | None = None
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     training: dict[str, Any] = {}
+    seeds: list[int] | None = None
 
     @field_validator("test_data", mode="before")
     @classmethod

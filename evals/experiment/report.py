@@ -8,11 +8,13 @@ from rich.console import Console
 from rich.table import Table
 
 from steper_dspy.evals.evaluate import EvaluationReport
+from steper_dspy.evals.stats import mcnemar_p, paired_bootstrap_p
 from steper_dspy.stages import STAGES
 
 console = Console()
 
-COLUMNS = ("accuracy", "em", "f1", "recall", "avg_steps", "failures", "n", "s/question", "tokens/s")
+COLUMNS = ("accuracy", "accuracy_ci95", "em", "f1", "recall", "avg_steps", "failures", "n", "s/question", "tokens/s")
+LABELS = {"accuracy_ci95": "accuracy 95% CI"}
 PAPER_METRICS = ("accuracy", "em", "f1")
 
 # Results of a run: test set name -> system name -> its evaluation.
@@ -24,7 +26,7 @@ def results_table(results: dict[str, EvaluationReport], title: str = "Held-out q
     table = Table(title=title)
     table.add_column("system")
     for column in COLUMNS:
-        table.add_column(column, justify="right")
+        table.add_column(LABELS.get(column, column), justify="right")
     for system, report in results.items():
         summary = report.summary()
         table.add_row(system, *(_fmt(summary.get(column)) for column in COLUMNS))
@@ -55,9 +57,11 @@ def _paper_cells(results: Results, system: str) -> list[str]:
     ]
 
 
-def _fmt(value: float | int | None) -> str:
+def _fmt(value: float | int | list | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list | tuple):
+        return "-".join(f"{v:.1f}" for v in value)
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
@@ -105,7 +109,13 @@ def plot_accuracy(results: Results, out: Path) -> Path:
     for ax, (name, by_system) in zip(axes[0], results.items(), strict=True):
         for i, metric in enumerate(PAPER_METRICS):
             values = [getattr(by_system[s], metric) if s in by_system else 0.0 for s in systems]
-            bars = ax.bar([x + i * width for x in range(len(systems))], values, width, label=metric)
+            errors = None
+            if metric == "accuracy":  # the 95% bootstrap interval over questions
+                intervals = [by_system[s].summary()["accuracy_ci95"] if s in by_system else [0, 0] for s in systems]
+                errors = [[v - lo for v, (lo, _) in zip(values, intervals, strict=True)],
+                          [hi - v for v, (_, hi) in zip(values, intervals, strict=True)]]  # fmt: skip
+            xs = [x + i * width for x in range(len(systems))]
+            bars = ax.bar(xs, values, width, label=metric, yerr=errors, capsize=3 if errors else 0)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks([x + width for x in range(len(systems))], [textwrap.fill(s, 14) for s in systems], fontsize=8)
         ax.set(ylabel="%", ylim=(0, 105), title=name)
@@ -114,6 +124,27 @@ def plot_accuracy(results: Results, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# The paper's claims: STEPER against the baselines, on the same questions (system names of evals/experiment/systems.py).
+COMPARED = (("STEPER", "Vanilla-KD"), ("STEPER", "step-wise KD (uniform)"))
+
+
+def comparisons(results: Results) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired tests of STEPER against each baseline per test set: the accuracy difference (points), the paired
+    bootstrap p-value over questions, and McNemar's exact p-value (when every run answered 1/0 per question)."""
+    tests: dict[str, dict[str, dict[str, float]]] = {}
+    for name, by_system in results.items():
+        for ours, theirs in COMPARED:
+            if ours not in by_system or theirs not in by_system:
+                continue
+            a = [float(row["accuracy"]) for row in by_system[ours].rows]
+            b = [float(row["accuracy"]) for row in by_system[theirs].rows]
+            test = {"difference": 100 * (sum(a) - sum(b)) / len(a), "p_value": paired_bootstrap_p(a, b), "n": len(a)}
+            if all(x in (0.0, 1.0) for x in a + b):
+                test["mcnemar_p"] = mcnemar_p([x == 1.0 for x in a], [x == 1.0 for x in b])
+            tests.setdefault(name, {})[f"{ours} vs {theirs}"] = test
+    return tests
 
 
 def write_report(
@@ -140,6 +171,19 @@ def write_report(
         lines += ["", f"![accuracy per system]({accuracy_png.name})"]
     for name, by_system in results.items():
         lines += ["", f"## {name}", ""] + _test_set_lines(by_system)
+    paired = comparisons(results)
+    if paired:
+        lines += ["", "## Paired tests (accuracy, same questions)", ""]
+        lines += [
+            "| test set | comparison | difference (points) | paired bootstrap p | McNemar p | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, tests in paired.items():
+            for label, t in tests.items():
+                lines.append(
+                    f"| {name} | {label} | {t['difference']:+.1f} | {t['p_value']:.3f} | "
+                    f"{'-' if 'mcnemar_p' not in t else format(t['mcnemar_p'], '.3f')} | {t['n']} |"
+                )
     if harvest_summary:
         lines += ["", "## Harvest", "", "```", harvest_summary, "```"]
     if training_log is not None:
@@ -160,14 +204,14 @@ def write_report(
         for name, by_system in results.items()
     }
     (out_dir / "results.json").write_text(
-        json.dumps({"details": details, "timings": timings, "results": scores}, indent=2)
+        json.dumps({"details": details, "timings": timings, "results": scores, "comparisons": paired}, indent=2)
     )
     return path
 
 
 def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
     """Markdown: the results table of one test set and its accuracy by question type and hops."""
-    lines = ["| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = ["| system | " + " | ".join(LABELS.get(c, c) for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for system, report in results.items():
         summary = report.summary()
         lines.append(f"| {system} | " + " | ".join(_fmt(summary.get(c)) for c in COLUMNS) + " |")

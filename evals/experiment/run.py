@@ -14,11 +14,11 @@ from typing import Any
 import dspy
 
 from steper_dspy.compilers import HarvestReport, run_on_student
-from steper_dspy.evals.evaluate import EvaluationReport, evaluate_program
+from steper_dspy.evals.evaluate import EvaluationReport, combine_runs, evaluate_program
 from steper_dspy.evals.experiment.config import RunConfig
 from steper_dspy.evals.experiment.lms import run_student_lm, teacher_lm, teacher_program
 from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
-from steper_dspy.evals.experiment.systems import SYSTEMS, System, configured_system, make_teleprompter
+from steper_dspy.evals.experiment.systems import SYSTEMS, configured_system, make_teleprompter
 from steper_dspy.evals.experiment.task import Task, TestSet, load_task
 from steper_dspy.training import TrainingResult
 
@@ -123,12 +123,21 @@ def run_experiment(
         untrained = run_student_lm(config, config.student)
         evaluate_system(results, timings, "untrained student", config, task, untrained, student=True)
     trained: dict[str, TrainingResult] = {}
+    seeds = config.seeds or [config.training_config().seed]
     for system, folder in runs:
-        teleprompter = make_teleprompter(config, system, folder)
-        with timings.track(f"train {system.name}"):
-            compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher_prog)
-        trained[system.name] = teleprompter.training_result
-        evaluate_compiled(results, timings, system, config, task, compiled)
+        per_seed: dict[str, list[EvaluationReport]] = {testset.name: [] for testset in task.testsets}
+        for seed in seeds:
+            seeded = config if len(seeds) == 1 else config.replace(training={**config.training, "seed": seed})
+            run_folder = folder if len(seeds) == 1 else folder / f"seed-{seed}"
+            teleprompter = make_teleprompter(seeded, system, run_folder)
+            with timings.track(f"train {system.name}"):
+                compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher_prog)
+            trained.setdefault(system.name, teleprompter.training_result)
+            with timings.track(f"eval {system.name}"):
+                for testset in task.testsets:
+                    per_seed[testset.name].append(evaluate_compiled(config, compiled, testset))
+        for name, reports in per_seed.items():
+            results.setdefault(name, {})[system.name] = combine_runs(reports)
     print_results(results)
     write_predictions(results, out / "predictions.jsonl")
     main = trained[runs[0][0].name]
@@ -182,15 +191,11 @@ def evaluate_system(
             results.setdefault(testset.name, {})[system] = _evaluate(config, program, testset, progress)
 
 
-def evaluate_compiled(
-    results: Results, timings: Timings, system: System, config: RunConfig, task: Task, compiled: dspy.Module
-) -> None:
-    """Evaluate a compiled program on every test set, each over its own corpus."""
-    with timings.track(f"eval {system.name}"):
-        for testset in task.testsets:
-            program = compiled.deepcopy()
-            program.retriever = testset.retriever
-            results.setdefault(testset.name, {})[system.name] = _evaluate(config, program, testset, True)
+def evaluate_compiled(config: RunConfig, compiled: dspy.Module, testset: TestSet) -> EvaluationReport:
+    """Evaluate a compiled program on a test set, over the test set's own corpus."""
+    program = compiled.deepcopy()
+    program.retriever = testset.retriever
+    return _evaluate(config, program, testset, True)
 
 
 def _evaluate(config: RunConfig, program: dspy.Module, testset: TestSet, progress: bool) -> EvaluationReport:
