@@ -2,13 +2,12 @@
 
 Everything a user needs is importable from here; names load on first use, so `import steper_dspy` stays fast::
 
-    from steper_dspy import STEPER, IRCoT, BM25Retriever, load_multihop, evaluate_program
+    from steper_dspy.lazy import lazy_exports
+from steper_dspy import STEPER, IRCoT, BM25Retriever, load_multihop, evaluate_program
 """
 
-import importlib
-from typing import Any
-
 from steper_dspy.errors import SteperError
+from steper_dspy.lazy import lazy_exports
 from steper_dspy.stages import STAGES, Stage
 
 __version__ = "0.1.0"
@@ -61,12 +60,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

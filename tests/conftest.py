@@ -22,7 +22,9 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tiny_model(path: Path, *, seed: int = 0, vocab_size: int = 384) -> Path:
+def make_tiny_model(
+    path: Path, *, seed: int = 0, vocab_size: int = 384, hidden_size: int = 32, num_attention_heads: int = 4
+) -> Path:
     """Write a tiny random Llama chat model with a byte-level BPE tokenizer (ChatML template) to `path`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -48,11 +50,11 @@ def make_tiny_model(path: Path, *, seed: int = 0, vocab_size: int = 384) -> Path
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=max(1, num_attention_heads // 2),
         max_position_embeddings=8192,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

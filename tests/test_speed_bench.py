@@ -115,6 +115,21 @@ def test_training_benchmark_runs_ours_alone(tiny_model_dir, tmp_path):
     assert results["ours"]["tokens"] > 0 and "heldout_loss" not in results["ours"]
 
 
+def test_training_benchmark_compares_packed_chains_with_one_sample_a_sequence(tiny_model_dir, tmp_path):
+    settings = TrainingBenchmark(
+        model=str(tiny_model_dir),
+        steps=1,
+        batch_size=2,
+        max_length=4096,
+        eval_samples=2,
+        trainers=("ours", "ours-unpacked"),
+    )
+    settings.isolate = False
+    results = run_training_benchmark(settings, tmp_path)
+    assert results["ours"]["tokens"] > 0 and results["ours-unpacked"]["tokens"] > 0
+    assert set(results["packing_ratios"]) >= {"tokens_per_second", "heldout_loss"} and "ratios" not in results
+
+
 def test_missing_baseline_names_the_bench_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)
     with pytest.raises(SteperError, match=r"pip install -e \.\[bench\]"):

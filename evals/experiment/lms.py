@@ -80,10 +80,11 @@ def student_lm_kwargs(config: RunConfig, model: str | Path) -> dict[str, Any]:
 def model_lm(config: RunConfig, spec: str, *, student: bool, **kwargs: Any) -> dspy.LM:
     """The LM for `spec` (an API model string or a local model) on the run's engine and endpoint; a local
     student stops replies that cannot parse early (see :func:`steper_dspy.compilers.student_lm`)."""
-    if student and not is_api_model(spec):
+    if is_api_model(spec):  # the run's engine is how local models generate; an API model keeps DSPy's client
+        return make_lm(spec, api_base=config.api_base, **kwargs)
+    if student:
         return run_student_lm(config, spec)
-    engine = None if config.engine == "auto" else config.engine
-    return make_lm(spec, api_base=config.api_base, engine=engine, server_log=_server_log(config, spec), **kwargs)
+    return make_lm(spec, api_base=config.api_base, engine=config.engine, server_log=_server_log(config, spec), **kwargs)
 
 
 def _server_log(config: RunConfig, model: str | Path) -> Path:

@@ -67,7 +67,8 @@ def quickstart_config(
         metric="em",
         teacher_max_tokens=128,
         training=training,
-        engine=engine or "auto",
+        # The 135M student loads in a second in process; a vLLM server would take minutes to start on a CPU.
+        engine=engine or "transformers",
         threads=threads,
     )
 

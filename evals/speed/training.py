@@ -38,7 +38,9 @@ from steper_dspy.evals.speed.common import (
     write_json,
 )
 
-TRAINERS = ("ours", "trl")
+# "ours" packs each chain's steps into one sequence (the default of train_student); "ours-unpacked" trains on one
+# sample per sequence, as before packing and as TRL does.
+TRAINERS = ("ours", "ours-unpacked", "trl")
 LAST_STEPS = 3  # the final loss is the mean over this many last steps: one step's loss is one batch's
 
 
@@ -96,11 +98,12 @@ class TrainingBenchmark:
         """Samples consumed: one epoch of exactly `steps` optimizer steps."""
         return self.steps * self.batch_size * self.grad_accum
 
-    def training_config(self) -> Any:
+    def training_config(self, *, pack: bool = True) -> Any:
         """Our `TrainingConfig` for these settings (TRL's `SFTConfig` and `LoraConfig` are derived from it)."""
         from steper_dspy.training import TrainingConfig
 
         return TrainingConfig(
+            pack_steps=pack,
             weighting=self.weighting,
             lora_r=self.lora_r,
             lora_alpha=self.lora_alpha,
@@ -162,20 +165,19 @@ def run_training_benchmark(settings: TrainingBenchmark, output: str | Path) -> d
         "data": data,
         **runs,
     }
+    figures = ("tokens_per_second", "peak_memory_mb", "final_loss", "heldout_loss", "train_seconds")
     if "ours" in runs and "trl" in runs:
-        ours, trl = runs["ours"], runs["trl"]
-        results["ratios"] = {
-            key: ratio(ours[key], trl[key])
-            for key in ("tokens_per_second", "peak_memory_mb", "final_loss", "heldout_loss", "train_seconds")
-        }
+        results["ratios"] = {key: ratio(runs["ours"][key], runs["trl"][key]) for key in figures}
+    if "ours" in runs and "ours-unpacked" in runs:
+        results["packing_ratios"] = {key: ratio(runs["ours"][key], runs["ours-unpacked"][key]) for key in figures}
     write_json(out / "results.json", results)
     _plot(runs, out / "training_speed.png")
     return results
 
 
-def table_rows(results: dict[str, Any]) -> list[Row]:
-    """The comparison's figures as table rows (ours vs TRL)."""
-    ours, trl = results.get("ours", {}), results.get("trl", {})
+def table_rows(results: dict[str, Any], baseline: str = "trl") -> list[Row]:
+    """The comparison's figures as table rows (ours vs `baseline`: ``trl`` or ``ours-unpacked``)."""
+    ours, trl = results.get("ours", {}), results.get(baseline, {})
     memory = "peak GPU memory (MiB)" if ours.get("memory_kind", trl.get("memory_kind")) == "cuda" else "peak RSS (MiB)"
     return [
         ("tokens/s (non-padding)", ours.get("tokens_per_second"), trl.get("tokens_per_second"), ".0f", True),
@@ -197,7 +199,15 @@ def print_results(results: dict[str, Any]) -> None:
         f"Training: ours vs TRL SFTTrainer ({settings['steps']} steps x {settings['batch_size']} samples"
         f" x {settings['grad_accum']} accumulation, LoRA r={settings['lora_r']}, {results['data']['precision']})"
     )
-    console.print(comparison_table(title, table_rows(results), ours="ours (train_student)", baseline="TRL SFTTrainer"))
+    if "trl" in results:
+        console.print(
+            comparison_table(title, table_rows(results), ours="ours (train_student)", baseline="TRL SFTTrainer")
+        )
+    if "ours-unpacked" in results:
+        rows = table_rows(results, "ours-unpacked")
+        console.print(
+            comparison_table("Packed chains vs one sample a sequence", rows, ours="packed", baseline="unpacked")
+        )
     data = results["data"]
     console.print(
         f"samples: {data['train_samples']} train + {data['eval_samples']} held-out from {data['source']}, "
@@ -350,7 +360,7 @@ def _train(job: _Job) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    run = _train_ours(job) if job.trainer == "ours" else _train_trl(job)
+    run = _train_trl(job) if job.trainer == "trl" else _train_ours(job, pack=job.trainer == "ours")
     if cuda:
         run["peak_memory_mb"], run["memory_kind"] = torch.cuda.max_memory_allocated() / 2**20, "cuda"
     else:
@@ -365,15 +375,14 @@ def _train(job: _Job) -> dict[str, Any]:
     return run
 
 
-def _train_ours(job: _Job) -> dict[str, Any]:
+def _train_ours(job: _Job, *, pack: bool) -> dict[str, Any]:
     import json
 
     from steper_dspy.lm.models import load_model
     from steper_dspy.training import train_student
 
-    result = train_student(
-        job.samples, job.model, job.output_dir, job.settings.training_config(), resume=False, progress=False
-    )
+    config = job.settings.training_config(pack=pack)
+    result = train_student(job.samples, job.model, job.output_dir, config, resume=False, progress=False)
     rows = [json.loads(line) for line in result.log_path.read_text().splitlines() if line.strip()]
     tokenizer = _tokenizer(job.model)
     targets = sum(sum(x >= 0 for x in _encode(tokenizer, s)["labels"]) for s in job.samples)
@@ -453,7 +462,7 @@ def _train_trl(job: _Job) -> dict[str, Any]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], out: Path) -> Path:
-    names = {"ours": "ours", "trl": "TRL SFTTrainer"}
+    names = {"ours": "ours (packed)", "ours-unpacked": "ours (unpacked)", "trl": "TRL SFTTrainer"}
     figures = [("tokens/s (higher is better)", "tokens_per_second"), ("peak memory MiB", "peak_memory_mb")]
     figures.append(("held-out loss", "heldout_loss"))
     panels = [(title, [""], {names[k]: [run.get(key)] for k, run in runs.items()}) for title, key in figures]

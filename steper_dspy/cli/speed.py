@@ -47,7 +47,9 @@ def training(
         str | None,
         typer.Option(help="Train on this harvest file's samples. Example: --harvest runs/quickstart/harvest.jsonl"),
     ] = None,
-    trainers: Annotated[str, typer.Option(help="Comma-separated: ours,trl.")] = "ours,trl",
+    trainers: Annotated[
+        str, typer.Option(help="Comma-separated: ours (packed chains), ours-unpacked, trl.")
+    ] = ",".join(training_bench.TRAINERS),
     seed: Annotated[int, typer.Option(help="Seed of LoRA, data order and questions.")] = T.seed,
     output: OutputOpt = None,
 ) -> None:

@@ -3,8 +3,7 @@
 Names load on first use, so `import steper_dspy.lm.models` (the trainer's entry) stays free of DSPy imports.
 """
 
-import importlib
-from typing import Any
+from steper_dspy.lazy import lazy_exports
 
 _EXPORTS = {
     "chat_prompt_ids": "steper_dspy.lm.chat",
@@ -30,9 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

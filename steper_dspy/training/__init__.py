@@ -3,8 +3,9 @@
 Names are imported on first use, so that reading a `TrainingConfig` does not load torch and transformers.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from steper_dspy.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from steper_dspy.training.config import TrainingConfig
@@ -20,16 +21,16 @@ if TYPE_CHECKING:
     from steper_dspy.training.weighting import StageWeighting
 
 _EXPORTS = {
-    "TrainingConfig": "config",
-    "StageCollator": "data",
-    "TrainingData": "data",
-    "build_training_data": "data",
-    "data_hash": "data",
-    "validate_samples": "data",
-    "TrainingResult": "train",
-    "train_student": "train",
-    "StageTrainer": "trainer",
-    "StageWeighting": "weighting",
+    "TrainingConfig": "steper_dspy.training.config",
+    "StageCollator": "steper_dspy.training.data",
+    "TrainingData": "steper_dspy.training.data",
+    "build_training_data": "steper_dspy.training.data",
+    "data_hash": "steper_dspy.training.data",
+    "validate_samples": "steper_dspy.training.data",
+    "TrainingResult": "steper_dspy.training.train",
+    "train_student": "steper_dspy.training.train",
+    "StageTrainer": "steper_dspy.training.trainer",
+    "StageWeighting": "steper_dspy.training.weighting",
 }
 
 __all__ = [
@@ -46,9 +47,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
