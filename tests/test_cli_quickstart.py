@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from steper_dspy.cli import quickstart as quickstart_module
+from steper_dspy.evals.experiment import quickstart as quickstart_module
 from steper_dspy.cli.app import app
 
 
@@ -21,7 +21,8 @@ def test_quickstart_runs_end_to_end_and_writes_its_report(tiny_model_dir, tmp_pa
     for name in ("report.md", "results.json", "accuracy.png", "training.png", "config.yaml", "harvest.jsonl"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())["results"]["synthetic (held out)"]
-    assert results["teacher"]["failures"] == 0 and results["teacher"]["n"] == 16
+    assert results["teacher"]["failures"] == 0 and results["teacher"]["n"] == quickstart_module.TEST_SIZE == 40
+    assert results["untrained student"]["accuracy"] is not None and "accuracy_ci95" in results["teacher"]
     assert (out / "program" / "steper_program.json").exists()
     assert (out / "model" / "steper_training.json").exists()
     assert "## Time" in (out / "report.md").read_text()

@@ -112,8 +112,8 @@ def plot_accuracy(results: Results, out: Path) -> Path:
             errors = None
             if metric == "accuracy":  # the 95% bootstrap interval over questions
                 intervals = [by_system[s].summary()["accuracy_ci95"] if s in by_system else [0, 0] for s in systems]
-                errors = [[v - lo for v, (lo, _) in zip(values, intervals, strict=True)],
-                          [hi - v for v, (_, hi) in zip(values, intervals, strict=True)]]  # fmt: skip
+                errors = [[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals, strict=True)],
+                          [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals, strict=True)]]  # fmt: skip
             xs = [x + i * width for x in range(len(systems))]
             bars = ax.bar(xs, values, width, label=metric, yerr=errors, capsize=3 if errors else 0)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
