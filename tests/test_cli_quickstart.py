@@ -4,8 +4,8 @@ import json
 
 from typer.testing import CliRunner
 
-from steper_dspy.evals.experiment import quickstart as quickstart_module
 from steper_dspy.cli.app import app
+from steper_dspy.evals.experiment import quickstart as quickstart_module
 
 
 def test_quickstart_runs_end_to_end_and_writes_its_report(tiny_model_dir, tmp_path, monkeypatch):

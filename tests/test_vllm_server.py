@@ -16,7 +16,6 @@ import pytest
 
 from steper_dspy.compilers import HarvestStore, harvest
 from steper_dspy.errors import SteperError
-from steper_dspy.lm import local as local_module
 from steper_dspy.lm import max_concurrency
 from steper_dspy.lm import vllm as vllm_module
 from steper_dspy.lm.local import local_lm, resolve_engine
@@ -35,7 +34,7 @@ def fake_vllm(monkeypatch, tmp_path):
     monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("STEPER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(local_module, "_SERVERS", {})
+    monkeypatch.setattr(vllm_module, "_SERVERS", [])
     yield
     stop_all()
 

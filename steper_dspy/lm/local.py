@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +15,6 @@ from steper_dspy.lm.models import is_adapter_dir
 
 Engine = Literal["auto", "vllm", "transformers"]
 ENGINES = ("auto", "vllm", "transformers")
-
-_SERVERS: dict[str, Any] = {}  # served model folder -> its VLLMServer, shared by every LM of this process
-_SERVERS_LOCK = threading.Lock()
 
 
 def local_lm(
@@ -139,9 +135,9 @@ def vllm_lm(
         log_path: Where the server writes its log.
         **kwargs: Further `dspy.LM` arguments.
     """
-    from steper_dspy.lm.vllm import VLLMServer, request_settings
+    from steper_dspy.lm.vllm import request_settings, shared_server
 
-    server = shared_server(model, lambda: VLLMServer(model, dtype=dtype, log_path=log_path))
+    server = shared_server(model, dtype=dtype, log_path=log_path)
     kwargs.setdefault("num_retries", 1)  # loopback: a failure is the server's, not the network's
     return ServedLM(
         f"hosted_vllm/{server.name}",
@@ -168,26 +164,11 @@ class ServedLM(dspy.LM):
 
 
 def _check_server(api_base: str | None) -> None:
-    with _SERVERS_LOCK:
-        server = next((s for s in _SERVERS.values() if s.api_base == api_base), None)
+    from steper_dspy.lm.vllm import server_at
+
+    server = server_at(api_base)
     if server is not None and not server.alive():
         raise ServerDiedError(server.failure(server.exit_note()))
-
-
-def shared_server(model: str | Path, build: Any) -> Any:
-    """The running server of this process for `model`, started with `build()` if there is none."""
-    key = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else str(model)
-    with _SERVERS_LOCK:
-        server = _SERVERS.get(key)
-        if server is None or not server.alive():
-            server = _SERVERS[key] = build().start()
-        return server
-
-
-def server_at(api_base: str | None) -> Any:
-    """The managed server answering at `api_base`, or None."""
-    with _SERVERS_LOCK:
-        return next((s for s in _SERVERS.values() if s.api_base == api_base and s.alive()), None)
 
 
 def max_concurrency(lm: dspy.BaseLM) -> int | None:
@@ -199,8 +180,10 @@ def max_concurrency(lm: dspy.BaseLM) -> int | None:
         return engine.max_concurrency
     if isinstance(getattr(engine, "lm", None), dspy.BaseLM):
         return max_concurrency(engine.lm)
+    from steper_dspy.lm.vllm import server_at
+
     server = server_at(getattr(lm, "kwargs", {}).get("api_base"))
-    return server.max_concurrency if server is not None else None
+    return server.max_concurrency if server is not None and server.alive() else None
 
 
 def program_concurrency(program: dspy.Module) -> int:

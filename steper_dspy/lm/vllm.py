@@ -57,8 +57,10 @@ _CAUSES = (
         "the model folder cannot be loaded",
     ),
 )
+# Every server this process started, stopped ones too (so that a call to a dead one can say what happened).
 _SERVERS: list[VLLMServer] = []
 _SERVERS_LOCK = threading.Lock()
+_STARTING = threading.Lock()  # one start at a time, so two LMs of one model share one server
 # Servers are spawned from one long-lived thread: the kernel's parent-death signal follows the spawning thread.
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steper-vllm-spawn")
 
@@ -155,7 +157,8 @@ class VLLMServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = _SPAWNER.submit(self._spawn).result()
         with _SERVERS_LOCK:
-            _SERVERS.append(self)
+            if self not in _SERVERS:
+                _SERVERS.append(self)
         try:
             self._wait_until_healthy()
         except BaseException:
@@ -200,16 +203,16 @@ class VLLMServer:
         except (OSError, ValueError):
             return False
 
-    def alive(self) -> bool:
-        """Whether the server process is running."""
-        return self.process is not None and self.process.poll() is None
-
     def exit_note(self) -> str:
         """How the server ended, for an error message: "was stopped" or "died (exit code N)"."""
         if self.stopped:
             return "was stopped"
         code = self.process.poll() if self.process is not None else None
         return "died" if code is None else f"died (exit code {code})"
+
+    def alive(self) -> bool:
+        """Whether the server process is running (and was not stopped)."""
+        return self.process is not None and not self.stopped and self.process.poll() is None
 
     def failure(self, what: str) -> str:
         """One line for a person: this server `what` (e.g. "died"), the cause found in its log, and the log."""
@@ -224,10 +227,7 @@ class VLLMServer:
 
     def stop(self) -> None:
         """Stop the server and its engine processes (SIGTERM, then SIGKILL after 30 s)."""
-        process, self.process, self.stopped = self.process, None, True
-        with _SERVERS_LOCK:
-            if self in _SERVERS:
-                _SERVERS.remove(self)
+        process, self.stopped = self.process, True
         if process is None or process.poll() is not None:
             return
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
@@ -348,9 +348,24 @@ def _die_with_parent() -> None:
 
 
 def running_servers() -> list[VLLMServer]:
-    """The servers this process started and has not stopped."""
+    """The servers this process started that are running."""
     with _SERVERS_LOCK:
-        return list(_SERVERS)
+        return [server for server in _SERVERS if server.alive()]
+
+
+def shared_server(model: str | Path, **settings: Any) -> VLLMServer:
+    """The running server of this process for `model`, started (with `settings`) if there is none."""
+    with _STARTING:
+        wanted = _servable_folder(model)
+        with _SERVERS_LOCK:
+            found = next((s for s in _SERVERS if s.folder == wanted and s.alive()), None)
+        return found or VLLMServer(model, **settings).start()
+
+
+def server_at(api_base: str | None) -> VLLMServer | None:
+    """The server this process started at `api_base` (the latest, running or not), or None."""
+    with _SERVERS_LOCK:
+        return next((s for s in reversed(_SERVERS) if s.api_base == api_base), None)
 
 
 def stop_all() -> None:
