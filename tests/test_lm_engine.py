@@ -40,7 +40,8 @@ def _request(lm, *, max_tokens=None, stop=(), temperature=0.0, seed=None):
 @pytest.fixture
 def scripted(tiny_model_dir, monkeypatch):
     """A local LM whose model emits SCRIPT token by token (forced logits), whatever the prompt."""
-    engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64)
+    # No prefix cache: the script restarts when a forward pass sees a whole prompt, which a cached prefix shortens.
+    engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64, prefix_cache_tokens=0)
     net, tokenizer = engine.load()
     script = tokenizer(SCRIPT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     forward, step = net.forward, [0]
@@ -64,7 +65,9 @@ def scripted(tiny_model_dir, monkeypatch):
 @pytest.fixture
 def scripted_prose(tiny_model_dir, monkeypatch):
     """A local LM (marker patience 5) whose model writes "The answer" over and over, never a field marker."""
-    engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64, marker_patience=5)
+    engine = TransformersEngine(
+        tiny_model_dir, dtype="float32", max_tokens=64, marker_patience=5, prefix_cache_tokens=0
+    )
     net, tokenizer = engine.load()
     prose = tokenizer("The answer", add_special_tokens=False)["input_ids"]
     forward, step = net.forward, [0]
@@ -251,3 +254,29 @@ def test_lazy_load_errors_stay_steper_errors(tiny_model_dir, tmp_path):
     broken = local_lm(model_dir, cache=False)
     with pytest.raises(SteperError, match="model.safetensors"):
         broken(_request(broken))
+
+
+def _chain_requests(lm):
+    """Requests like a chain's steps: each prompt extends the one before, then its own instructions follow."""
+    passages = [f"Passage {i}: the city number {i} lies in the country number {i % 5}." for i in range(12)]
+    requests = []
+    for step in (4, 8, 12):
+        text = "Question: which country?\n" + "\n".join(passages[:step]) + f"\nStep {step}: write the next fact."
+        requests.append(Request(model=lm.model, messages=(Message.user(text),), config=Config(temperature=0.0)))
+    return requests
+
+
+def test_a_cached_prompt_prefix_is_not_computed_again_and_changes_no_greedy_output(tiny_model_dir):
+    plain = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False, prefix_cache_tokens=0)
+    cached = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False)
+    expected = [plain(r).text for r in _chain_requests(plain)]
+    assert [cached(r).text for r in _chain_requests(cached)] == expected  # one at a time: each reuses the last
+    prefixes = cached.engine._ensure_loaded().prefix_cache
+    assert prefixes.hits == 2 and prefixes.reused_tokens > 100
+    # Concurrent chains batched together, some rows with a cached prefix and some without.
+    fresh = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False, prefix_cache_tokens=4096)
+    first = _chain_requests(fresh)[0]
+    fresh(first)
+    with ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda r: fresh(r).text, _chain_requests(fresh)))
+    assert texts == expected

@@ -8,8 +8,9 @@ Workloads (the same requests and questions for every engine):
   corpus, run through `evaluate_program` as an evaluation or a harvest runs them (the teacher with its built-in
   demos, the student with its own adapter).
 
-Engines: ``transformers-sequential`` (the in-process engine one request at a time, as before batching),
-``transformers-batched`` (concurrent requests in one left-padded `generate`) and ``vllm`` (a managed server at
+Engines: ``transformers-sequential`` (the in-process engine one request at a time and without its prefix cache,
+as before this project's batching), ``transformers-batched`` (concurrent requests in one `generate`, prompt
+prefixes computed before reused) and ``vllm`` (a managed server at
 each concurrency; its prefix cache is emptied between runs, so no run reuses another's prompts). Each output is
 compared with the sequential engine's: ``greedy_identical`` is the share that is the same (reply text for the
 recording, the final answer for chains).
@@ -231,8 +232,15 @@ def _engines(model: str, settings: GenerationBenchmark, out: Path) -> Any:
     def no_reset() -> None:
         return None
 
-    if "transformers-sequential" in settings.engines:
-        lm = local_lm(model, engine="transformers", max_batch_size=1, max_tokens=settings.max_tokens, cache=False)
+    if "transformers-sequential" in settings.engines:  # the engine before batching and prefix caching
+        lm = local_lm(
+            model,
+            engine="transformers",
+            max_batch_size=1,
+            prefix_cache_tokens=0,
+            max_tokens=settings.max_tokens,
+            cache=False,
+        )
         yield "transformers-sequential", 1, lm, no_reset
     if "transformers-batched" in settings.engines:
         batch = settings.batch_size

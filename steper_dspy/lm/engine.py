@@ -21,6 +21,7 @@ from steper_dspy.lm.batching import GenerationBatcher
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
+from steper_dspy.lm.prefix_cache import PrefixCache, batch_layout, prompt_prefixes
 from steper_dspy.lm.threaded import ThreadedAsyncEngine
 
 # DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
@@ -96,6 +97,7 @@ class _Loaded:
     tokenizer: Any
     eos_ids: set[int]
     batcher: GenerationBatcher | None = None
+    prefix_cache: PrefixCache | None = None
 
 
 # Engines built with the same settings (copies, reloaded programs) share one loaded model while any is alive.
@@ -133,6 +135,8 @@ class TransformersEngine:
         device: `"auto"` (cuda if available, else cpu) or a torch device string.
         max_tokens: New-token limit for requests that set none.
         max_batch_size: Most requests generated together.
+        prefix_cache_tokens: Prompt tokens whose keys and values are kept, so that a request computes only what
+            follows the longest prompt prefix computed before (the steps of a chain share theirs); 0 turns it off.
         marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
             (for a student, whose reply is unparseable without one); None never stops early.
     """
@@ -146,6 +150,7 @@ class TransformersEngine:
         device: str = "auto",
         max_tokens: int = 256,
         max_batch_size: int = 8,
+        prefix_cache_tokens: int = 16_384,
         marker_patience: int | None = None,
     ):
         self.model = _portable(model)
@@ -154,6 +159,7 @@ class TransformersEngine:
         self.device = device
         self.max_tokens = max_tokens
         self.max_batch_size = max_batch_size
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.marker_patience = marker_patience
         self._loaded: _Loaded | None = None
         self._fingerprint: str | None = None
@@ -225,7 +231,7 @@ class TransformersEngine:
         if self._loaded is not None:
             return self._loaded
         device = default_device() if self.device == "auto" else self.device
-        key = (self.model, self.adapter, self.dtype, device, self.max_batch_size)
+        key = (self.model, self.adapter, self.dtype, device, self.max_batch_size, self.prefix_cache_tokens)
         with _LOADED_LOCK:
             loaded = _LOADED.get(key)
             if loaded is None:
@@ -233,7 +239,8 @@ class TransformersEngine:
                 eos = model.generation_config.eos_token_id
                 eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
                 eos_ids.add(tokenizer.eos_token_id)
-                loaded = _Loaded(model, tokenizer, eos_ids)
+                prefixes = PrefixCache(self.prefix_cache_tokens) if self.prefix_cache_tokens else None
+                loaded = _Loaded(model, tokenizer, eos_ids, prefix_cache=prefixes)
                 # The worker holds the model weakly, so that it is freed (and the worker ends) with its engines.
                 batcher = GenerationBatcher(
                     partial(_generate_batch, weakref.proxy(loaded)), max_batch_size=self.max_batch_size
@@ -261,6 +268,7 @@ class TransformersEngine:
             "device": self.device,
             "max_tokens": self.max_tokens,
             "max_batch_size": self.max_batch_size,
+            "prefix_cache_tokens": self.prefix_cache_tokens,
             "marker_patience": self.marker_patience,
             "fingerprint": self.fingerprint,
         }
@@ -292,10 +300,11 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
     generation.top_p = settings.top_p
     generation.top_k = settings.top_k
     generation.stop_strings = [COMPLETED_MARKER, *settings.stops]
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=net.device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=net.device)
+    cache = loaded.prefix_cache
+    hits = [cache.longest(p) for p in prompts] if cache is not None else [(0, None)] * len(prompts)
+    layout = batch_layout(prompts, hits, pad, net.device)
+    width = layout.input_ids.shape[1]
     criteria = StoppingCriteriaList()
     if settings.marker_patience is not None:
         criteria.append(NoFieldMarker(tokenizer, width, settings.marker_patience))
@@ -303,13 +312,18 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         output = net.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=layout.input_ids,
+            attention_mask=layout.attention_mask,
+            past_key_values=layout.cache,
             generation_config=generation,
             stopping_criteria=criteria,
             tokenizer=tokenizer,
+            return_dict_in_generate=True,
         )
-    return [_generated(row, loaded.eos_ids, pad) for row in output[:, width:].tolist()]
+    if cache is not None:
+        for prefix in prompt_prefixes(output.past_key_values, prompts, layout.real_columns):
+            cache.add(prefix)
+    return [_generated(row, loaded.eos_ids, pad) for row in output.sequences[:, width:].tolist()]
 
 
 def _generated(row: list[int], eos_ids: set[int], pad: int) -> list[int]:

@@ -28,6 +28,7 @@ def local_lm(
     temperature: float = 0.0,
     cache: bool = True,
     max_batch_size: int = 8,
+    prefix_cache_tokens: int = 16_384,
     marker_patience: int | None = None,
     server_log: str | Path | None = None,
     **kwargs: Any,
@@ -53,6 +54,8 @@ def local_lm(
         temperature: Default sampling temperature; 0 means greedy decoding.
         cache: Whether DSPy caches this LM's answers.
         max_batch_size: Most concurrent calls generated together by the transformers engine.
+        prefix_cache_tokens: Prompt tokens the transformers engine keeps computed, so that a call computes only
+            what follows the longest prompt prefix it has seen (0 turns it off; vLLM caches prefixes itself).
         marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
             (transformers only; for students, whose replies cannot parse without one).
         server_log: Where the vLLM server writes its log.
@@ -81,6 +84,7 @@ def local_lm(
         device=device,
         max_tokens=max_tokens,
         max_batch_size=max_batch_size,
+        prefix_cache_tokens=prefix_cache_tokens,
         marker_patience=marker_patience,
     )
     return dspy.LM(
