@@ -177,11 +177,10 @@ def harvest(
 
         def run(index: int) -> None:
             example, rollout = jobs[index]
-            try:
-                record = (
-                    None
-                    if fatal
-                    else _run_chain(
+            record = None
+            if not fatal:
+                try:
+                    record = _run_chain(
                         teachers[rollout],
                         teacher_adapter,
                         stage_maps[rollout],
@@ -193,10 +192,8 @@ def harvest(
                         threshold,
                         step_filter,
                     )
-                )
-            except ServerDiedError as err:
-                fatal.append(err)
-                record = None
+                except ServerDiedError as err:
+                    fatal.append(err)
             if record is not None:
                 store.append(record)
             with lock:
