@@ -300,6 +300,7 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
     generation.top_p = settings.top_p
     generation.top_k = settings.top_k
     generation.stop_strings = [COMPLETED_MARKER, *settings.stops]
+    generation.return_dict_in_generate = True  # for the prompt's keys and values, kept by the prefix cache
     pad = tokenizer.pad_token_id
     cache = loaded.prefix_cache
     hits = [cache.longest(p) for p in prompts] if cache is not None else [(0, None)] * len(prompts)
@@ -318,7 +319,6 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
             generation_config=generation,
             stopping_criteria=criteria,
             tokenizer=tokenizer,
-            return_dict_in_generate=True,
         )
     if cache is not None:
         for prefix in prompt_prefixes(output.past_key_values, prompts, layout.real_columns):
