@@ -28,7 +28,7 @@ def _samples(n=24):
     samples = []
     for i in range(n):
         stage = STAGES[i % 3]
-        question = "The question asks who was born in which city. " * (1 + i % 4)
+        question = f"Question {i}: the question asks who was born in which city. " * (1 + i % 4)
         messages = [
             {"role": "system", "content": "Your input fields are: question, passages."},
             {"role": "user", "content": question},

@@ -80,7 +80,8 @@ def test_bad_samples_raise_naming_index_and_field(broken, field):
 
 
 def test_stage_filter_keeps_only_the_configured_stages(tokenizer):
-    samples = validate_samples([_sample(s) for s in ("init", "expand", "aggregate", "expand", "init")])
+    stages = ("init", "expand", "aggregate", "expand", "init")
+    samples = validate_samples([_sample(s, question=f"Who was born in city {i}?") for i, s in enumerate(stages)])
     data = build_training_data(samples, tokenizer, ("init", "aggregate"), max_length=1024, pack=False)
     assert data.num_samples == {"init": 2, "aggregate": 1}
     assert data.skipped == {"expand": 2}
@@ -187,3 +188,11 @@ def test_a_tokenizer_without_chat_template_is_refused():
 
     with pytest.raises(SteperError, match="chat template"):
         build_training_data(validate_samples([_sample()]), SimpleNamespace(chat_template=None), ("init",), 1024)
+
+
+def test_the_same_step_of_two_rollouts_is_trained_on_once(tokenizer):
+    first = _sample("init")
+    again = {**first, "rollout": 1}  # the sampled rollout wrote the very same step
+    other = {**_sample("init", question="Who was born in Rome?"), "rollout": 2}
+    data = build_training_data(validate_samples([first, again, other]), tokenizer, ("init",), max_length=1024)
+    assert data.num_samples == {"init": 2} and data.duplicates == {"init": 1}

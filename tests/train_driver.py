@@ -33,7 +33,7 @@ def samples(n: int = 24) -> list[dict[str, Any]]:
         stage = STAGES[i % 3]
         messages = [
             {"role": "system", "content": "Your input fields are: question, passages."},
-            {"role": "user", "content": "The question asks who was born in which city. " * (1 + i % 4)},
+            {"role": "user", "content": f"Question {i}: the question asks who was born in which city. " * (1 + i % 4)},
             {"role": "assistant", "content": TARGETS[stage]},
         ]
         rows.append({"messages": messages, "stage": stage, "step": i % 3, "example_id": f"q{i // 3}", "score": 1.0})

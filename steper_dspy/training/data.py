@@ -103,6 +103,8 @@ class TrainingData:
         dropped: Samples per stage left out for being longer than `max_length` tokens.
         skipped: Samples per stage left out because their stage is not trained.
         num_target_tokens: Target (loss-bearing) tokens per trained stage.
+        duplicates: Samples per stage left out because an identical one (same messages) came before, e.g. the
+            same step in two rollouts of a question.
     """
 
     features: list[dict[str, Any]]
@@ -111,6 +113,7 @@ class TrainingData:
     dropped: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     num_target_tokens: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
 
 
 def build_training_data(
@@ -119,7 +122,8 @@ def build_training_data(
     """Tokenise the samples of the trained stages; leave out (and count) those over `max_length` tokens.
 
     Over-long samples are dropped rather than truncated: a truncated prompt is one the student never sees
-    at inference, and a truncated target teaches it to stop mid-field.
+    at inference, and a truncated target teaches it to stop mid-field. A sample identical to an earlier one
+    (the same step of two rollouts that agree) is trained on once.
 
     Args:
         samples: Validated samples (see `validate_samples`).
@@ -145,12 +149,19 @@ def build_training_data(
     tokens = dict.fromkeys(stages, 0)
     dropped: dict[str, int] = {}
     skipped: dict[str, int] = {}
+    duplicates: dict[str, int] = {}
+    seen: set[str] = set()
     chains: dict[Any, list[tuple[list[int], list[int], int]]] = {}
     for index, sample in enumerate(samples):
         stage = sample["stage"]
         if stage not in stages:
             skipped[stage] = skipped.get(stage, 0) + 1
             continue
+        content = json.dumps([stage, sample["messages"]], sort_keys=True, ensure_ascii=False)
+        if content in seen:
+            duplicates[stage] = duplicates.get(stage, 0) + 1
+            continue
+        seen.add(content)
         encoded = tokenize_sample(tokenizer, sample)
         if len(encoded["input_ids"]) > max_length:
             dropped[stage] = dropped.get(stage, 0) + 1
@@ -173,7 +184,7 @@ def build_training_data(
             "TrainingConfig.stages and TrainingConfig.max_length."
         )
     features = [feature for steps in chains.values() for feature in _packs(steps, max_length)]
-    return TrainingData(features, stages, num_samples, dropped, skipped, tokens)
+    return TrainingData(features, stages, num_samples, dropped, skipped, tokens, duplicates)
 
 
 def _chain_key(sample: dict[str, Any], index: int) -> Any:

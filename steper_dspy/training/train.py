@@ -413,6 +413,7 @@ def _counts(data: TrainingData) -> dict[str, Any]:
         "dropped": data.dropped,
         "skipped": data.skipped,
         "num_target_tokens": data.num_target_tokens,
+        "duplicates": data.duplicates,
     }
 
 
