@@ -101,20 +101,22 @@ def train_student(
         logger.info("%s already holds this training run; not retraining.", output_dir)
         return done
 
-    from accelerate import PartialState
     from peft.helpers import disable_input_dtype_casting
     from transformers import set_seed
 
     from steper_dspy.lm.models import load_model
 
-    state = PartialState()
-    with state.main_process_first():
-        checkpoint = _prepare_output_dir(output_dir, run, resume) if state.is_main_process else None
-    if not state.is_main_process:
+    bf16 = _autocast_bf16(config)
+    # The training arguments set up the processes of an `accelerate launch` (gloo on CPUs, NCCL on GPUs): their
+    # view of who is the main process is the one the Trainer acts on.
+    args = _training_arguments(output_dir / CHECKPOINTS, config, progress, bf16)
+    with args.main_process_first(local=False, desc="preparing the output folder"):
+        main = args.process_index == 0
+        checkpoint = _prepare_output_dir(output_dir, run, resume) if main else None
+    if not main:
         checkpoint = last_checkpoint(output_dir / CHECKPOINTS) if resume else None
 
     set_seed(config.seed)
-    bf16 = _autocast_bf16(config)
     # LoRA under bf16 autocast: the frozen base computes in bf16 anyway, so it is stored in bf16 too (the adapter
     # stays fp32: peft upcasts it). Full fine-tuning keeps fp32 master weights.
     bf16_base = config.use_lora and bf16
@@ -125,7 +127,7 @@ def train_student(
 
     trainer = StageTrainer(
         model=model,
-        args=_training_arguments(output_dir / CHECKPOINTS, config, progress, bf16),
+        args=args,
         train_dataset=_dataset(data),
         data_collator=_collator(tokenizer),
         processing_class=tokenizer,
@@ -144,7 +146,7 @@ def train_student(
         _save_model(trainer, output_dir, config, base_model, reload_base=bf16_base)
         record = {**run, **_counts(data), **_result_fields(result), "global_step": trainer.state.global_step}
         _write_json(output_dir / RESULT_FILE, record)
-    state.wait_for_everyone()
+    args.distributed_state.wait_for_everyone()
     return result
 
 
