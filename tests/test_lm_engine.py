@@ -270,9 +270,13 @@ def test_a_cached_prompt_prefix_is_not_computed_again_and_changes_no_greedy_outp
     plain = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False, prefix_cache_tokens=0)
     cached = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False)
     expected = [plain(r).text for r in _chain_requests(plain)]
-    assert [cached(r).text for r in _chain_requests(cached)] == expected  # one at a time: each reuses the last
+    responses = [cached(r) for r in _chain_requests(cached)]  # one at a time: each reuses the last
+    assert [r.text for r in responses] == expected
     prefixes = cached.engine._ensure_loaded().prefix_cache
     assert prefixes.hits == 2 and prefixes.reused_tokens > 100
+    # Each response reports the prompt tokens served from the cache, as vLLM's usage does.
+    reported = [r.usage.cache_read_tokens for r in responses]
+    assert reported[0] == 0 and reported[1] > 50 and sum(reported) == prefixes.reused_tokens
     # Concurrent chains batched together, some rows with a cached prefix and some without.
     fresh = local_lm(tiny_model_dir, dtype="float32", max_tokens=10, cache=False, prefix_cache_tokens=4096)
     first = _chain_requests(fresh)[0]

@@ -36,14 +36,15 @@ class GenerationBatcher:
     """Runs `generate_batch(prompts, settings)` on groups of jobs with equal settings, in a worker thread.
 
     Args:
-        generate_batch: Generates for a list of prompts that share `settings`; returns one id list each.
+        generate_batch: Generates for a list of prompts that share `settings`; returns one result each
+            (what `generate` returns).
         max_batch_size: Most prompts in one batch.
         wait_s: How long the first job of a round waits for others to join it.
     """
 
     def __init__(
         self,
-        generate_batch: Callable[[list[list[int]], Any], Sequence[list[int]]],
+        generate_batch: Callable[[list[list[int]], Any], Sequence[Any]],
         *,
         max_batch_size: int = 8,
         wait_s: float = 0.02,
@@ -62,7 +63,7 @@ class GenerationBatcher:
         """End the worker once the jobs queued so far are done."""
         self._queue.put(_CLOSE)
 
-    def generate(self, prompt: list[int], settings: Hashable) -> list[int]:
+    def generate(self, prompt: list[int], settings: Hashable) -> Any:
         """Generate for one prompt (blocking until its batch is done); raises what its batch raised."""
         job = GenerationJob(prompt, settings)
         self._queue.put(job)

@@ -218,11 +218,16 @@ class TransformersEngine:
             seed=config.seed if sample else None,
             marker_patience=self.marker_patience,
         )
-        new_ids = loaded.batcher.generate(prompt, settings)
+        new_ids, cached = loaded.batcher.generate(prompt, settings)
         ended_on_eos = bool(new_ids) and new_ids[-1] in loaded.eos_ids
         text, stopped = cut_at_stop(loaded.tokenizer.decode(new_ids, skip_special_tokens=True), stops)
         finish = "stop" if ended_on_eos or stopped or len(new_ids) < max_new else "length"
-        usage = Usage(input_tokens=len(prompt), output_tokens=len(new_ids), total_tokens=len(prompt) + len(new_ids))
+        usage = Usage(
+            input_tokens=len(prompt),
+            output_tokens=len(new_ids),
+            total_tokens=len(prompt) + len(new_ids),
+            cache_read_tokens=cached,
+        )
         return Response(
             id=None, model=request.model, message=Message.assistant([TextPart(text)]), finish_reason=finish, usage=usage
         )
@@ -288,8 +293,11 @@ class TransformersEngine:
         return engine
 
 
-def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settings) -> list[list[int]]:
-    """One left-padded `generate` over prompts that share `settings`; the new ids of each, cut at its end."""
+def _generate_batch(
+    loaded: _Loaded, prompts: list[list[int]], settings: _Settings
+) -> list[tuple[list[int], int]]:
+    """One left-padded `generate` over prompts that share `settings`: per prompt, its new ids cut at its end and
+    how many of its prompt tokens came from the prefix cache."""
     net, tokenizer = loaded.model, loaded.tokenizer
     generation = copy.deepcopy(net.generation_config)
     generation.do_sample = settings.temperature is not None
@@ -323,7 +331,8 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
     if cache is not None:
         for prefix in prompt_prefixes(output.past_key_values, prompts, layout.real_columns):
             cache.add(prefix)
-    return [_generated(row, loaded.eos_ids, pad) for row in output.sequences[:, width:].tolist()]
+    new_ids = [_generated(row, loaded.eos_ids, pad) for row in output.sequences[:, width:].tolist()]
+    return [(ids, shared) for ids, (shared, _) in zip(new_ids, hits, strict=True)]
 
 
 def _generated(row: list[int], eos_ids: set[int], pad: int) -> list[int]:
