@@ -293,9 +293,7 @@ class TransformersEngine:
         return engine
 
 
-def _generate_batch(
-    loaded: _Loaded, prompts: list[list[int]], settings: _Settings
-) -> list[tuple[list[int], int]]:
+def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settings) -> list[tuple[list[int], int]]:
     """One left-padded `generate` over prompts that share `settings`: per prompt, its new ids cut at its end and
     how many of its prompt tokens came from the prefix cache."""
     net, tokenizer = loaded.model, loaded.tokenizer
