@@ -164,7 +164,7 @@ def test_cli_speed_errors_keep_the_install_hint(monkeypatch, tmp_path):
     assert "pip install -e .[bench]" in " ".join(result.output.split())
 
 
-def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_dir, tmp_path, monkeypatch):
+def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from steper_dspy.evals.speed.generation import GenerationBenchmark, markdown, run_generation_benchmark
     from steper_dspy.lm import vllm as vllm_module
     from tests.test_datasets import HOTPOT_ROW, write_jsonl
@@ -213,5 +213,9 @@ def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_
     assert all(r["cached_prompt_tokens"] > 0 for r in vllm_rows)  # the server's prefix-cache counts arrive
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"] == results["rows"] and "cpu" in saved["machine"]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert progress[0].startswith("[1/8] student transformers-sequential x1 recording:") and progress[-1].startswith(
+        "[8/8]"
+    )
     assert (tmp_path / "out" / "generation.png").stat().st_size > 0
     assert markdown(results).count("\n") == len(results["rows"]) + 1

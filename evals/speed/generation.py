@@ -86,7 +86,10 @@ def run_generation_benchmark(settings: GenerationBenchmark, out: Path) -> dict[s
         role: str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
         for role, path in models.items()
     }
+    from steper_dspy.evals.experiment.report import console
+
     workloads = {name: _workload(name, settings) for name in settings.workloads}
+    runs = len(settings.models) * len(settings.workloads) * _engine_runs(settings)
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # for /reset_prefix_cache between runs
     rows: list[dict[str, Any]] = []
     results = {"rows": rows, "machine": machine(), "settings": _settings_json(settings)}
@@ -102,6 +105,12 @@ def run_generation_benchmark(settings: GenerationBenchmark, out: Path) -> dict[s
                            workload=name, greedy_identical=same / len(outputs))  # fmt: skip
                 rows.append(row)
                 write_json(out / "results.json", results)  # after every run: a long benchmark keeps what it did
+                per = (
+                    f"{row['seconds_per_question']:.1f} s/question"
+                    if row["seconds_per_question"]
+                    else (f"{row['seconds_per_call']:.2f} s/call")
+                )
+                console.print(f"[{len(rows)}/{runs}] {role} {engine} x{concurrency} {name}: {per}")
     _add_ratios(rows)
     write_json(out / "results.json", results)
     _plot(rows, out / "generation.png")
@@ -223,6 +232,12 @@ def _call(lm: Any, request: Any) -> tuple[str, dict[str, Any]]:
 def _normalised(text: str) -> str:
     # vLLM may end a reply at the end marker without printing it; the replies are the same otherwise.
     return text.replace("[[ ## completed ## ]]", "").strip()
+
+
+def _engine_runs(settings: GenerationBenchmark) -> int:
+    """How many (engine, concurrency) runs `_engines` yields per model."""
+    in_process = sum(e in settings.engines for e in ("transformers-sequential", "transformers-batched"))
+    return in_process + (len(settings.concurrency) if "vllm" in settings.engines else 0)
 
 
 def _engines(model: str, settings: GenerationBenchmark, out: Path) -> Any:

@@ -17,6 +17,7 @@ from dspy.lm15 import ContextLengthError, Message, Request, Response, TextPart, 
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from steper_dspy.errors import SteperError
+from steper_dspy.lm.attention import use_grouped_decode_attention
 from steper_dspy.lm.batching import GenerationBatcher
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
@@ -241,6 +242,7 @@ class TransformersEngine:
             loaded = _LOADED.get(key)
             if loaded is None:
                 model, tokenizer = load_model(self.model, adapter=self.adapter, dtype=self.dtype, device=self.device)
+                use_grouped_decode_attention(model)
                 eos = model.generation_config.eos_token_id
                 eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
                 eos_ids.add(tokenizer.eos_token_id)
