@@ -188,10 +188,16 @@ def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_
         max_tokens=8,
         data_dir=str(tmp_path / "data"),
     )
+    from steper_dspy.lm.engine import TransformersEngine
+
+    closed = []
+    close = TransformersEngine.close
+    monkeypatch.setattr(TransformersEngine, "close", lambda self: (closed.append(self), close(self))[1])
     try:
         results = run_generation_benchmark(settings, tmp_path / "out")
     finally:
         vllm_module.stop_all()
+    assert len(closed) == 2  # both in-process models freed before the vLLM server starts
     runs = [(r["engine"], r["concurrency"], r["workload"]) for r in results["rows"]]
     assert runs == [
         (engine, concurrency, workload)

@@ -257,10 +257,12 @@ def _engines(model: str, settings: GenerationBenchmark, out: Path) -> Any:
             cache=False,
         )
         yield "transformers-sequential", 1, lm, no_reset
+        _unload(lm)
     if "transformers-batched" in settings.engines:
         batch = settings.batch_size
         lm = local_lm(model, engine="transformers", max_batch_size=batch, max_tokens=settings.max_tokens, cache=False)
         yield "transformers-batched", batch, lm, no_reset
+        _unload(lm)
     if "vllm" in settings.engines:
         lm = vllm_lm(model, max_tokens=settings.max_tokens, cache=False, log_path=out / f"vllm-{Path(model).stem}.log")
         base = lm.kwargs["api_base"].removesuffix("/v1")
@@ -272,6 +274,15 @@ def _engines(model: str, settings: GenerationBenchmark, out: Path) -> Any:
 
         for concurrency in settings.concurrency:
             yield "vllm", concurrency, lm, reset
+
+
+def _unload(lm: Any) -> None:
+    """Free an in-process model once its runs are done: a vLLM server started next needs the memory (a 1.5B
+    teacher and a 135M student left loaded got the benchmark OOM-killed on a 24 GB machine)."""
+    import gc
+
+    lm.engine.close()
+    gc.collect()
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
