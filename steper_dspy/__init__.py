@@ -2,8 +2,7 @@
 
 Everything a user needs is importable from here; names load on first use, so `import steper_dspy` stays fast::
 
-    from steper_dspy.lazy import lazy_exports
-from steper_dspy import STEPER, IRCoT, BM25Retriever, load_multihop, evaluate_program
+    from steper_dspy import STEPER, IRCoT, BM25Retriever, load_multihop, evaluate_program
 """
 
 from steper_dspy.errors import SteperError

@@ -108,7 +108,7 @@ def run_generation_benchmark(settings: GenerationBenchmark, out: Path) -> dict[s
                 per = (
                     f"{row['seconds_per_question']:.1f} s/question"
                     if row["seconds_per_question"]
-                    else (f"{row['seconds_per_call']:.2f} s/call")
+                    else f"{row['seconds_per_call']:.2f} s/call"
                 )
                 console.print(f"[{len(rows)}/{runs}] {role} {engine} x{concurrency} {name}: {per}")
     _add_ratios(rows)

@@ -49,9 +49,10 @@ class PrefixCache:
     def longest(self, prompt: list[int]) -> tuple[int, Prefix | None]:
         """The longest cached prefix of `prompt` (at least `MIN_PREFIX_TOKENS`, and leaving one token to compute)."""
         best, found = 0, None
+        wanted = tuple(prompt)
         with self._lock:
             for ids, entry in self._entries.items():
-                shared = len(os.path.commonprefix([ids, tuple(prompt)]))
+                shared = len(os.path.commonprefix([ids, wanted]))
                 if shared > best:
                     best, found = shared, entry
             best = min(best, len(prompt) - 1)
