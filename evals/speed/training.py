@@ -177,16 +177,16 @@ def run_training_benchmark(settings: TrainingBenchmark, output: str | Path) -> d
 
 def table_rows(results: dict[str, Any], baseline: str = "trl") -> list[Row]:
     """The comparison's figures as table rows (ours vs `baseline`: ``trl`` or ``ours-unpacked``)."""
-    ours, trl = results.get("ours", {}), results.get(baseline, {})
-    memory = "peak GPU memory (MiB)" if ours.get("memory_kind", trl.get("memory_kind")) == "cuda" else "peak RSS (MiB)"
+    ours, base = results.get("ours", {}), results.get(baseline, {})
+    memory = "peak GPU memory (MiB)" if ours.get("memory_kind", base.get("memory_kind")) == "cuda" else "peak RSS (MiB)"
     return [
-        ("tokens/s (non-padding)", ours.get("tokens_per_second"), trl.get("tokens_per_second"), ".0f", True),
-        ("train seconds", ours.get("train_seconds"), trl.get("train_seconds"), ".1f", False),
-        ("tokens processed", ours.get("tokens"), trl.get("tokens"), ".0f", True),
-        ("target tokens", ours.get("target_tokens"), trl.get("target_tokens"), ".0f", True),
-        (memory, ours.get("peak_memory_mb"), trl.get("peak_memory_mb"), ".0f", False),
-        (f"final train loss (last {LAST_STEPS} steps)", ours.get("final_loss"), trl.get("final_loss"), ".3f", False),
-        ("held-out loss after training", ours.get("heldout_loss"), trl.get("heldout_loss"), ".3f", False),
+        ("tokens/s (non-padding)", ours.get("tokens_per_second"), base.get("tokens_per_second"), ".0f", True),
+        ("train seconds", ours.get("train_seconds"), base.get("train_seconds"), ".1f", False),
+        ("tokens processed", ours.get("tokens"), base.get("tokens"), ".0f", True),
+        ("target tokens", ours.get("target_tokens"), base.get("target_tokens"), ".0f", True),
+        (memory, ours.get("peak_memory_mb"), base.get("peak_memory_mb"), ".0f", False),
+        (f"final train loss (last {LAST_STEPS} steps)", ours.get("final_loss"), base.get("final_loss"), ".3f", False),
+        ("held-out loss after training", ours.get("heldout_loss"), base.get("heldout_loss"), ".3f", False),
     ]
 
 
