@@ -40,15 +40,18 @@ def _request(lm, *, max_tokens=None, stop=(), temperature=0.0, seed=None):
 @pytest.fixture
 def scripted(tiny_model_dir, monkeypatch):
     """A local LM whose model emits SCRIPT token by token (forced logits), whatever the prompt."""
-    # No prefix cache: the script restarts when a forward pass sees a whole prompt, which a cached prefix shortens.
+    # The engine computes a prompt but its last token in one pass, then every token (the prompt's last one
+    # first) in a pass of its own: a pass over several tokens starts a generation and emits nothing. No prefix
+    # cache, so that every prompt has such a pass.
     engine = TransformersEngine(tiny_model_dir, dtype="float32", max_tokens=64, prefix_cache_tokens=0)
     net, tokenizer = engine.load()
     script = tokenizer(SCRIPT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     forward, step = net.forward, [0]
 
     def scripted_forward(*args, **kwargs):
-        if kwargs["input_ids"].shape[1] > 1:  # the prompt: a new generation starts
+        if kwargs["input_ids"].shape[1] > 1:
             step[0] = 0
+            return forward(*args, **kwargs)
         output = forward(*args, **kwargs)
         forced = torch.full_like(output.logits[:, -1, :], -1e9)
         forced[:, script[min(step[0], len(script) - 1)]] = 0
@@ -73,6 +76,8 @@ def scripted_prose(tiny_model_dir, monkeypatch):
     forward, step = net.forward, [0]
 
     def prose_forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:  # the prompt's pass (see `scripted`)
+            return forward(*args, **kwargs)
         output = forward(*args, **kwargs)
         forced = torch.full_like(output.logits[:, -1, :], -1e9)
         forced[:, prose[step[0] % len(prose)]] = 0

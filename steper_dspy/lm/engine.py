@@ -6,7 +6,7 @@ import copy
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Request, Response, TextPart, Usage, response_to_events
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.attention import use_grouped_decode_attention
@@ -22,7 +22,7 @@ from steper_dspy.lm.batching import GenerationBatcher
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
-from steper_dspy.lm.prefix_cache import PrefixCache, batch_layout, prompt_prefixes
+from steper_dspy.lm.prefix_cache import PrefixCache, prefill_batch, prompt_prefixes
 from steper_dspy.lm.threaded import ThreadedAsyncEngine
 
 # DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
@@ -99,6 +99,13 @@ class _Loaded:
     eos_ids: set[int]
     batcher: GenerationBatcher | None = None
     prefix_cache: PrefixCache | None = None
+    _stop_criteria: dict[tuple[str, ...], StopStringCriteria] = field(default_factory=dict)
+
+    def stop_criterion(self, stops: tuple[str, ...]) -> StopStringCriteria:
+        """transformers' stop-string criterion for `stops`, built once (building it walks the whole vocabulary)."""
+        if stops not in self._stop_criteria:
+            self._stop_criteria[stops] = StopStringCriteria(self.tokenizer, list(stops))
+        return self._stop_criteria[stops]
 
 
 # Engines built with the same settings (copies, reloaded programs) share one loaded model while any is alive.
@@ -307,17 +314,16 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
     generation.temperature = settings.temperature
     generation.top_p = settings.top_p
     generation.top_k = settings.top_k
-    generation.stop_strings = [COMPLETED_MARKER, *settings.stops]
     generation.return_dict_in_generate = True  # for the prompt's keys and values, kept by the prefix cache
     pad = tokenizer.pad_token_id
     cache = loaded.prefix_cache
     hits = [cache.longest(p) for p in prompts] if cache is not None else [(0, None)] * len(prompts)
-    layout = batch_layout(prompts, hits, pad, net.device)
-    width = layout.input_ids.shape[1]
-    criteria = StoppingCriteriaList()
-    if settings.marker_patience is not None:
-        criteria.append(NoFieldMarker(tokenizer, width, settings.marker_patience))
+    criteria = StoppingCriteriaList([loaded.stop_criterion((COMPLETED_MARKER, *settings.stops))])
     with torch.inference_mode():
+        layout = prefill_batch(net, prompts, hits, pad)
+        width = layout.input_ids.shape[1]
+        if settings.marker_patience is not None:
+            criteria.append(NoFieldMarker(tokenizer, width, settings.marker_patience))
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         output = net.generate(
@@ -326,7 +332,6 @@ def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settin
             past_key_values=layout.cache,
             generation_config=generation,
             stopping_criteria=criteria,
-            tokenizer=tokenizer,
         )
     if cache is not None:
         for prefix in prompt_prefixes(output.past_key_values, prompts, layout.real_columns):

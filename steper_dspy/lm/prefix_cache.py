@@ -3,10 +3,9 @@
 The steps of a chain share their prompt up to the step's own instructions (see `steper_dspy.adapter`): the
 expansion prompt begins with the initialization prompt's system message, question and passages. On a CPU the
 prompt is most of the work, so the engine keeps the keys and values of recent prompts and, for a new request,
-computes only the tokens after the longest prefix it already has. A batch mixes rows with and without a cached
-prefix: each row is laid out as ``[pad][cached prefix][pad][new tokens]`` over one cached block and one new
-block, the padding masked out and positions counted over real tokens only, so every row sees what it would
-see alone.
+computes only the tokens after the longest prefix it already has. Each row of a batch computes its own new
+prompt tokens; the rows then decode together, left-padded, the padding masked out and positions counted over
+real tokens only, so every row sees what it would see alone.
 """
 
 from __future__ import annotations
@@ -78,41 +77,67 @@ class PrefixCache:
 
 @dataclass
 class BatchLayout:
-    """Rows of a batch over a cached block (`cached` columns) and a new block, with their attention mask."""
+    """Left-padded prompts whose keys and values are computed up to their last token, ready for `generate`."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    cached: int
-    cache: Any  # a transformers DynamicCache holding the cached block, or None when nothing is cached
+    cache: Any  # a transformers DynamicCache over every prompt but its last token, or None for one-token prompts
     real_columns: list[list[int]]  # per row, the columns holding its prompt's tokens
 
 
-def batch_layout(prompts: list[list[int]], hits: list[tuple[int, Prefix | None]], pad: int, device: Any) -> BatchLayout:
-    """Lay out prompts, some with a cached prefix, as one batch: ``[pad][cached][pad][new]`` per row."""
-    cached = max(shared for shared, _ in hits)
-    new = max(len(prompt) - shared for prompt, (shared, _) in zip(prompts, hits, strict=True))
-    ids, mask, columns = [], [], []
-    for prompt, (shared, _) in zip(prompts, hits, strict=True):
-        fresh = len(prompt) - shared
-        ids.append([pad] * (cached - shared) + prompt[:shared] + [pad] * (new - fresh) + prompt[shared:])
-        mask.append([0] * (cached - shared) + [1] * shared + [0] * (new - fresh) + [1] * fresh)
-        columns.append([*range(cached - shared, cached), *range(cached + new - fresh, cached + new)])
-    cache = _cache_block(hits, cached) if cached else None
-    return BatchLayout(torch.tensor(ids, device=device), torch.tensor(mask, device=device), cached, cache, columns)
+def prefill_batch(model: Any, prompts: list[list[int]], hits: list[tuple[int, Prefix | None]], pad: int) -> BatchLayout:
+    """Compute each prompt's keys and values up to its last token, one row at a time after its cached prefix,
+    and lay the rows out as one left-padded batch whose `generate` computes only the last tokens.
+
+    One row at a time because a batched prompt pass costs its longest row times the batch: a chain's first step
+    (nothing cached) next to later steps (a few dozen new tokens each) would pad every row to the first's length.
+    """
+    rows = [_prefill_row(model, prompt, shared, entry) for prompt, (shared, entry) in zip(prompts, hits, strict=True)]
+    width = max(len(prompt) for prompt in prompts) - 1
+    ids = [[pad] * (width + 1 - len(prompt)) + prompt for prompt in prompts]
+    mask = [[0] * (width + 1 - len(prompt)) + [1] * len(prompt) for prompt in prompts]
+    columns = [list(range(width + 1 - len(prompt), width + 1)) for prompt in prompts]
+    device = model.device
+    return BatchLayout(
+        torch.tensor(ids, device=device),
+        torch.tensor(mask, device=device),
+        _right_aligned(rows, width) if width else None,
+        columns,
+    )
 
 
-def _cache_block(hits: list[tuple[int, Prefix | None]], width: int) -> Any:
+def _prefill_row(
+    model: Any, prompt: list[int], shared: int, entry: Prefix | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of `prompt[:-1]`: the cached prefix's, then the rest computed on top of it."""
     from transformers import DynamicCache
 
-    template = next(entry for _, entry in hits if entry is not None).layers
+    if len(prompt) == 1:
+        return []
+    cache = DynamicCache()
+    if entry is not None and shared:
+        for layer, (keys, values) in enumerate(entry.layers):
+            cache.update(keys[:, :, :shared], values[:, :, :shared], layer)
+    if len(prompt) - 1 > shared:
+        fresh = torch.tensor([prompt[shared:-1]], device=model.device)
+        model(input_ids=fresh, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return _layer_tensors(cache)
+
+
+def _right_aligned(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int) -> Any:
+    """One DynamicCache of `width` columns holding each row's keys and values at its right end."""
+    from transformers import DynamicCache
+
+    template = next(row for row in rows if row)
     cache = DynamicCache()
     for layer, (keys, values) in enumerate(template):
-        block_keys = keys.new_zeros((len(hits), keys.shape[1], width, keys.shape[3]))
-        block_values = values.new_zeros((len(hits), values.shape[1], width, values.shape[3]))
-        for row, (shared, entry) in enumerate(hits):
-            if entry is not None and shared:
-                block_keys[row, :, width - shared :] = entry.layers[layer][0][0, :, :shared]
-                block_values[row, :, width - shared :] = entry.layers[layer][1][0, :, :shared]
+        block_keys = keys.new_zeros((len(rows), keys.shape[1], width, keys.shape[3]))
+        block_values = values.new_zeros((len(rows), values.shape[1], width, values.shape[3]))
+        for index, row in enumerate(rows):
+            if row:
+                length = row[layer][0].shape[2]
+                block_keys[index, :, width - length :] = row[layer][0][0]
+                block_values[index, :, width - length :] = row[layer][1][0]
         cache.update(block_keys, block_values, layer)
     return cache
 
