@@ -10,6 +10,7 @@ passage lists are cut to the passages the chain needed, so that the demos do not
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,28 @@ import dspy
 from dspy.teleprompt import BootstrapFewShot
 
 from steper_dspy.errors import SteperError
+from steper_dspy.lm.errors import ServerDiedError
+
+logger = logging.getLogger(__name__)
+
+
+class _Bootstrap(BootstrapFewShot):
+    """`BootstrapFewShot` that tells a question that failed from one that did not pass, and stops when the
+    teacher's server is gone (every later question would fail the same way)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(max_errors=1, **kwargs)  # DSPy re-raises every error; each is handled below
+        self.failures: list[Exception] = []
+
+    def _bootstrap_one_example(self, example: dspy.Example, round_idx: int = 0) -> bool:
+        try:
+            return super()._bootstrap_one_example(example, round_idx)
+        except ServerDiedError:
+            raise
+        except Exception as err:
+            self.failures.append(err)
+            logger.warning("Bootstrapping demos: question %r failed: %s", example.get("question"), err)
+            return False
 
 
 def bootstrap_demos(
@@ -48,13 +71,10 @@ def bootstrap_demos(
 
     Raises:
         SteperError: No chain passed the metric.
+        ServerDiedError: The teacher's server died.
     """
-    optimizer = BootstrapFewShot(
-        metric=metric,
-        metric_threshold=threshold,
-        max_bootstrapped_demos=max_demos,
-        max_labeled_demos=0,
-        max_errors=len(trainset) + 1,
+    optimizer = _Bootstrap(
+        metric=metric, metric_threshold=threshold, max_bootstrapped_demos=max_demos, max_labeled_demos=0
     )
     compiled = optimizer.compile(program.reset_copy(), teacher=teacher, trainset=list(trainset))
     examples = {str(example.question): example for example in trainset}
@@ -63,9 +83,11 @@ def bootstrap_demos(
         for name, predictor in compiled.named_predictors()
     }
     if not any(demos.values()):
+        failed = optimizer.failures
+        why = f" ({len(failed)} failed with an error, the first: {failed[0]})" if failed else ""
         raise SteperError(
-            f"No teacher chain passed the metric on the {len(trainset)} questions tried, so there is nothing to "
-            "bootstrap demonstrations from: use the built-in demos (teacher_demos: builtin) or a stronger teacher."
+            f"No teacher chain passed the metric on the {len(trainset)} questions tried{why}, so there is nothing "
+            "to bootstrap demonstrations from: use the built-in demos (teacher_demos: builtin) or a stronger teacher."
         )
     return demos
 

@@ -182,14 +182,19 @@ def test_batch_loss_is_independent_of_padding_packing_and_logit_trimming(tiny_mo
     trainer = StageTrainer(model=model, args=args, stage_weighting=StageWeighting(STAGES, "uniform"))
     assert trainer._trim_logits
     pad = tokenizer.pad_token_id
+    projected = []
+    model.lm_head.register_forward_hook(lambda _module, args, _out: projected.append(args[0].shape[1]))
     with torch.no_grad():
         for pack in (False, True):
             features = build_training_data(samples, tokenizer, STAGES, 1024, pack=pack).features
             assert len(features) == (2 if pack else 6)  # two chains of three steps
+            batch = StageCollator(pad)(features)
             for trim in (True, False):
                 trainer._trim_logits = trim
-                loss = trainer.compute_loss(model, StageCollator(pad)(features))
+                loss = trainer.compute_loss(model, batch)
                 assert loss.item() == pytest.approx(expected, abs=1e-5), (pack, trim)
+            # Trimmed, the vocabulary projection sees only the positions where some row has a target.
+            assert projected[-2:] == [int((batch["labels"] != -100).any(0).sum()), batch["labels"].shape[1]]
 
 
 def test_packed_chains_give_the_per_stage_losses_and_gradients_of_unpacked_samples(tiny_model_dir):

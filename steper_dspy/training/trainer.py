@@ -171,25 +171,25 @@ def target_token_losses(
     """The cross-entropy of every target token of a `StageCollator` batch, and the stage index of each.
 
     `labels` holds the id each position predicts (already shifted, so that packed chains need no next-position
-    rule). With `trim_logits`, logits are computed only from the earliest predicting position on: those are the
-    last ones of every left-padded row, which spares most of the vocabulary projection.
+    rule). With `trim_logits`, logits are computed only at the positions where some row has a target: the
+    vocabulary projection (a fifth of a 135M model's compute) and the fp32 cross-entropy then skip the prompts,
+    which are most of a packed chain.
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label_stages", "num_tokens", "length")}
     labels, label_stages = batch["labels"], batch["label_stages"]
     if inputs["attention_mask"].dim() == 4:
         inputs["attention_mask"] = _attention_mask_for(model, inputs["attention_mask"])
-    keep = labels.shape[1]
     if trim_logits:
-        keep = int(labels.shape[1] - (labels != IGNORE_INDEX).int().argmax(dim=1).min())
-        inputs["logits_to_keep"] = keep
+        positions = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        inputs["logits_to_keep"] = positions
+        labels, label_stages = labels[:, positions], label_stages[:, positions]
     outputs = model(**inputs, use_cache=False)
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    targets, stages = labels[:, -keep:], label_stages[:, -keep:]
     token_ce = F.cross_entropy(
-        logits[:, -keep:].float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=IGNORE_INDEX
+        logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX
     )
-    mask = targets.reshape(-1) != IGNORE_INDEX
-    return token_ce[mask], stages.reshape(-1)[mask]
+    mask = labels.reshape(-1) != IGNORE_INDEX
+    return token_ce[mask], label_stages.reshape(-1)[mask]
 
 
 class StageLogCallback(TrainerCallback):
