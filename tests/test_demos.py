@@ -6,7 +6,7 @@ from steper_dspy.errors import SteperError
 from steper_dspy.lm.errors import ServerDiedError
 from steper_dspy.programs import IRCoT
 from tests.scripted import PASSAGES, ListRetriever, ScriptedEngine
-from tests.test_harvest import ANSWERS, SCRIPT, examples, exact
+from tests.test_harvest import ANSWERS, SCRIPT, exact, examples
 
 ALPHA, COUNTRY, RIVER, WRONG = list(SCRIPT)
 DOWN = "Who is down?"  # its every call raises
