@@ -77,6 +77,28 @@ def test_torn_last_line_is_ignored_and_repaired(recording):
     assert len(_lines(recording)) == 4  # every line parses again: header + 3 answers
 
 
+def test_a_gzipped_recording_is_replayed_extended_and_repaired(recording, tmp_path):
+    import gzip
+
+    packed = tmp_path / "teacher.jsonl.gz"
+    packed.write_bytes(gzip.compress(recording.read_bytes()))
+    assert _ask(recorded_lm(packed), QUESTIONS) == ["London", "Shakespeare"]
+    assert _ask(recorded_lm(packed, _live("Leonardo")), ["Who painted the Mona Lisa?"]) == ["Leonardo"]
+    whole = packed.stat().st_size
+    with packed.open("ab") as f:
+        f.write(gzip.compress(b'{"key": "abc", "response": {}}\n')[:-9])  # an append cut short by a crash
+    assert _ask(recorded_lm(packed, _live("Hokusai")), ["Who painted The Great Wave?"]) == ["Hokusai"]
+    assert packed.stat().st_size > whole
+    text = gzip.decompress(packed.read_bytes()).decode()  # one valid gzip file: the torn member is gone
+    assert [json.loads(line).get("key") is not None for line in text.splitlines()] == [False] + [True] * 4
+    assert _ask(recorded_lm(packed), [*QUESTIONS, "Who painted the Mona Lisa?", "Who painted The Great Wave?"]) == [
+        "London",
+        "Shakespeare",
+        "Leonardo",
+        "Hokusai",
+    ]
+
+
 def test_settings_are_part_of_the_key(recording):
     with pytest.raises(SteperError, match="not recorded"):
         _ask(recorded_lm(recording, max_tokens=50), QUESTIONS[:1])

@@ -4,18 +4,23 @@
 not seen is sent to `lm` and its answer appended to `path` as one JSON line, flushed and fsynced at once, so an
 interrupted run keeps everything it paid for. `recorded_lm(path)` answers from the file alone, which makes
 teacher runs reproducible offline and tests independent of a live model.
+
+A path ending in ``.gz`` is a gzip recording, for committing a large one: it is read whole, and every append
+is one more gzip member (a valid gzip file throughout; ``gzip -dc f | gzip -9`` recompresses it as one).
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
 import os
 import re
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +116,8 @@ class RecordingEngine:
     """A DSPy engine that answers from a JSONL recording and appends the live LM's answers to new requests.
 
     Args:
-        path: The recording file (JSON lines), created on the first recorded answer.
+        path: The recording file (JSON lines, gzipped when it ends in ``.gz``), created on the first recorded
+            answer.
         lm: The live LM to call for requests not in the file; None replays only.
         mode: `"replay"`: answer from the file only. `"record"`: answer recorded requests from the file (a
             resumed run never pays twice) and the others through `lm`, appending them. `"auto"`: record when
@@ -164,10 +170,18 @@ class RecordingEngine:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def gzipped(self) -> bool:
+        return self.path.suffix == ".gz"
+
     def _load(self) -> None:
         if not self.path.is_file():
             return
         data = self.path.read_bytes()
+        if self.gzipped:
+            data, whole = _gzip_members(data)
+            if whole is not None:  # an interrupted append: its member is dropped and written over next time
+                self._repair = whole
         offset = 0
         for number, raw in enumerate(data.splitlines(keepends=True), start=1):
             end = offset + len(raw)
@@ -176,13 +190,13 @@ class RecordingEngine:
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
             except ValueError:
-                if end == len(data):  # an interrupted write: drop it and write over it next time
+                if end == len(data) and not self.gzipped:  # an interrupted write: drop it, write over it next time
                     self._repair = offset
                 else:
                     logger.warning("Skipping unreadable line %d of recording %s", number, self.path)
                 offset = end
                 continue
-            if not raw.endswith(b"\n"):
+            if not raw.endswith(b"\n") and not self.gzipped:
                 self._repair = end  # complete but unterminated: add the newline before appending
             if "header" in record:
                 self._header = record["header"]
@@ -249,15 +263,15 @@ class RecordingEngine:
             self._entries[key] = stored
 
     def _append(self, records: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("ab") as f:
             if self._repair is not None:
                 f.truncate(self._repair)
-                if self._repair > 0 and _last_byte(self.path, self._repair) != b"\n":
+                if self._repair > 0 and not self.gzipped and _last_byte(self.path, self._repair) != b"\n":
                     f.write(b"\n")
                 self._repair = None
-            f.write(text.encode("utf-8"))
+            f.write(gzip.compress(text, mtime=0) if self.gzipped else text)
             f.flush()
             os.fsync(f.fileno())
 
@@ -290,6 +304,23 @@ class RecordingEngine:
                 logger.warning("Replaying %s only: its live LM cannot be rebuilt (%s)", state["path"], exc)
         mode = state.get("mode", "auto")
         return cls(state["path"], lm, mode="auto" if lm is None and mode == "record" else mode)
+
+
+def _gzip_members(data: bytes) -> tuple[bytes, int | None]:
+    """The text of a gzip file's complete members, and the byte offset where a torn last member starts (None
+    when the file ends with a complete member)."""
+    chunks, offset = [], 0
+    while offset < len(data):
+        member = zlib.decompressobj(wbits=31)
+        try:
+            text = member.decompress(data[offset:])
+        except zlib.error:
+            return b"".join(chunks), offset
+        if not member.eof:
+            return b"".join(chunks), offset
+        chunks.append(text)
+        offset = len(data) - len(member.unused_data)
+    return b"".join(chunks), None
 
 
 def _last_byte(path: Path, offset: int) -> bytes:
