@@ -99,6 +99,24 @@ def test_a_gzipped_recording_is_replayed_extended_and_repaired(recording, tmp_pa
     ]
 
 
+def test_gzip_members_are_read_across_pieces_and_a_torn_one_is_located():
+    import gzip
+    import random
+
+    from steper_dspy.lm.recording import _gzip_members
+
+    rng = random.Random(0)
+    texts = [b"small\n", rng.randbytes(200_000).hex().encode() + b"\n", b"after the big one\n"]
+    members = [gzip.compress(t) for t in texts]
+    assert len(members[1]) > 1 << 16  # the big member spans several pieces
+    whole = b"".join(members)
+    assert _gzip_members(whole) == (b"".join(texts), None)
+    torn = gzip.compress(b"cut short\n")[:-5]
+    assert _gzip_members(whole + torn) == (b"".join(texts), len(whole))
+    assert _gzip_members(members[0] + members[1][:-100]) == (texts[0], len(members[0]))
+    assert _gzip_members(b"") == (b"", None)
+
+
 def test_settings_are_part_of_the_key(recording):
     with pytest.raises(SteperError, match="not recorded"):
         _ask(recorded_lm(recording, max_tokens=50), QUESTIONS[:1])

@@ -55,6 +55,7 @@ _SETTINGS = (
 )
 # Config fields that do not change what the model answers.
 _KEY_EXCLUDED_CONFIG = {"cache", "user_id", "store", "service_tier"}
+_GZIP_PIECE = 1 << 16  # bytes fed to the decompressor at a time when reading a .gz recording
 _SECRET = re.compile(r"(api_?key|secret|password|authorization|access_?token|bearer)", re.IGNORECASE)
 
 
@@ -308,19 +309,29 @@ class RecordingEngine:
 
 def _gzip_members(data: bytes) -> tuple[bytes, int | None]:
     """The text of a gzip file's complete members, and the byte offset where a torn last member starts (None
-    when the file ends with a complete member)."""
-    chunks, offset = [], 0
-    while offset < len(data):
-        member = zlib.decompressobj(wbits=31)
+    when the file ends with a complete member).
+
+    The file is fed in pieces, so that the bytes after each member are never copied whole (a recording that
+    grew by one member per call has thousands).
+    """
+    done: list[bytes] = []
+    current: list[bytes] = []
+    view, start, pos = memoryview(data), 0, 0
+    member = zlib.decompressobj(wbits=31)
+    while pos < len(data):
+        piece = view[pos : pos + _GZIP_PIECE]
         try:
-            text = member.decompress(data[offset:])
+            current.append(member.decompress(piece))
         except zlib.error:
-            return b"".join(chunks), offset
-        if not member.eof:
-            return b"".join(chunks), offset
-        chunks.append(text)
-        offset = len(data) - len(member.unused_data)
-    return b"".join(chunks), None
+            return b"".join(done), start
+        if member.eof:
+            pos += len(piece) - len(member.unused_data)
+            done += current
+            current, start = [], pos
+            member = zlib.decompressobj(wbits=31)
+        else:
+            pos += len(piece)
+    return b"".join(done), None if start == len(data) else start
 
 
 def _last_byte(path: Path, offset: int) -> bytes:
