@@ -161,6 +161,7 @@ def harvest(
     signatures = {name: predictor.signature for name, predictor in student.named_predictors()}
     # Locked for the whole run, so that a second harvest into the same file fails at once.
     with store.writing():
+        store.check_layout(adapter.layout)
         jobs = [
             (example, rollout)
             for rollout in range(rollouts)
@@ -295,6 +296,7 @@ def _run_chain(
                 rollout=rollout,
                 score=score,
                 filtered=why,
+                layout=adapter.layout,
             )
         )
     return ChainRecord(

@@ -181,7 +181,9 @@ class STEPER(Teleprompter):
         return report
 
     def _train(self) -> TrainingResult:
-        samples = list(HarvestStore(self.harvest_path).samples(drop_filtered=self.step_filter is not None))
+        store = HarvestStore(self.harvest_path)
+        store.check_layout(student_adapter().layout)
+        samples = list(store.samples(drop_filtered=self.step_filter is not None))
         if not samples:
             raise SteperError(f"{self.harvest_path} holds no kept chain: use a stronger teacher or a lower threshold.")
         return train_student(

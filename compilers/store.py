@@ -1,6 +1,7 @@
 """The harvest file: one JSON line per teacher chain, appended as chains finish, resumable after a crash."""
 
 import contextlib
+import itertools
 import json
 import os
 import threading
@@ -9,6 +10,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from steper_dspy.adapter import LAYOUT
 from steper_dspy.errors import SteperError
 from steper_dspy.samples import StepSample
 
@@ -153,6 +155,22 @@ class HarvestStore:
         for record in self.records():
             if record.kept:
                 yield from (s for s in record.samples if not (drop_filtered and s.get("filtered")))
+
+    def check_layout(self, layout: str) -> None:
+        """Check that the file's samples are formatted in the prompt layout `layout` (the student's).
+
+        Raises:
+            SteperError: They are of another layout: a student trained on them would learn prompts it is never
+                asked, and a harvest resumed into the file would mix two layouts.
+        """
+        for sample in itertools.islice(self.samples(), 1):  # one harvest writes one layout
+            found = sample.get("layout", LAYOUT)
+            if found != layout:
+                raise SteperError(
+                    f"{self.path} holds step samples formatted in the prompt layout {found!r}, but the student is "
+                    f"prompted in {layout!r}: move the file away and harvest again (a recorded teacher replays "
+                    "its calls at no cost)."
+                )
 
     def append(self, record: ChainRecord) -> None:
         """Write one chain durably; a chain already in the file is not written twice.

@@ -16,6 +16,11 @@ earlier step (passages are only ever appended), and a prefix-caching server (vLL
 computes them once; the demos, the same for every call, are computed once for the whole run. Training samples
 are formatted by the same adapter (`format_finetune_data`), so the student is trained on exactly the prompts
 it is asked at inference.
+
+A student is prompted without the signatures' instructions (`step_instructions=False`): fine-tuning teaches it
+each step, which it tells apart by the step's name and its input and output fields, and the ~110 tokens of
+instructions per step would otherwise be computed again at every step of every chain, in training and at
+inference (a quarter of the quickstart's prompt tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ SYSTEM_MESSAGE = (
 )
 
 
+# Names of the layouts (see `SharedPrefixAdapter.layout`); a harvest file's samples must be of the student's.
+LAYOUT = "shared-prefix"
+COMPACT_LAYOUT = "shared-prefix-compact"
+
+
 class SharedPrefixAdapter(dspy.ChatAdapter):
     """A `dspy.ChatAdapter` whose system message is the same for every signature, with the step-specific
     instructions after the inputs, so that the prompts of a chain's steps share their longest prefix.
@@ -46,13 +56,28 @@ class SharedPrefixAdapter(dspy.ChatAdapter):
         shared_demos: The demos of every predictor of the program, as ``(signature, demos)`` pairs in the
             program's order (see :func:`program_demos`). When given, every prompt shows all of them (each
             formatted for its own signature), whatever the calling predictor's own demos are.
+        step_instructions: Show each signature's instructions and output field descriptions after the inputs;
+            without them a step is named by its signature's name (for a fine-tuned student).
         **kwargs: `dspy.ChatAdapter` arguments (e.g. ``use_json_adapter_fallback=False``).
     """
 
-    def __init__(self, shared_demos: Sequence[tuple[type[Signature], list[Any]]] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        shared_demos: Sequence[tuple[type[Signature], list[Any]]] | None = None,
+        *,
+        step_instructions: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.shared_demos = list(shared_demos) if shared_demos else None
+        self.step_instructions = step_instructions
         self._demo_messages: list[dict[str, Any]] | None = None
+
+    @property
+    def layout(self) -> str:
+        """Names the prompt layout, stored with every harvested sample: samples of another layout would train
+        the student on prompts it is never asked."""
+        return LAYOUT if self.step_instructions else COMPACT_LAYOUT
 
     def format_demos(self, signature: type[Signature], demos: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.shared_demos is None:
@@ -84,7 +109,10 @@ class SharedPrefixAdapter(dspy.ChatAdapter):
         return "\n\n".join(part for part in parts if part).strip()
 
     def format_step_description(self, signature: type[Signature]) -> str:
-        """The signature's objective and output fields, which the ChatAdapter puts in the system message."""
+        """The signature's objective and output fields, which the ChatAdapter puts in the system message (or
+        only the step's name, without `step_instructions`)."""
+        if not self.step_instructions:
+            return f"Your step: {signature.__name__}"
         instructions = textwrap.dedent(signature.instructions).strip()
         return (
             f"Your objective: {instructions}\n\n"
@@ -106,7 +134,13 @@ def teacher_adapter(program: dspy.Module | None = None) -> SharedPrefixAdapter:
     return SharedPrefixAdapter(shared_demos=program_demos(program) if program is not None else None)
 
 
-def student_adapter() -> SharedPrefixAdapter:
-    """The adapter a student runs with: the one its training prompts were formatted with, and no JSON
-    fallback, so a parse failure never triggers a second generation in a format it never saw."""
-    return SharedPrefixAdapter(use_json_adapter_fallback=False)
+def student_adapter(*, instructions: bool = False) -> SharedPrefixAdapter:
+    """The adapter a student runs with: the one its training prompts were formatted with (without the steps'
+    instructions), and no JSON fallback, so a parse failure never triggers a second generation in a format it
+    never saw.
+
+    Args:
+        instructions: Show the steps' instructions, for a student that was not trained on the program (the
+            untrained baseline): without them it cannot know what a step asks.
+    """
+    return SharedPrefixAdapter(step_instructions=instructions, use_json_adapter_fallback=False)

@@ -20,6 +20,8 @@ class StepSample(TypedDict):
         score: The metric's score of the chain's final answer.
         filtered: Why the harvest's step filter flagged this step (absent or None when it did not); a
             teleprompter with a step filter trains without flagged steps.
+        layout: The prompt layout of `messages` (`SharedPrefixAdapter.layout`); absent in files written before
+            layouts were named, which hold the full ``"shared-prefix"`` layout.
     """
 
     messages: list[dict[str, Any]]
@@ -30,3 +32,4 @@ class StepSample(TypedDict):
     rollout: int
     score: float
     filtered: NotRequired[str | None]
+    layout: NotRequired[str]

@@ -13,6 +13,8 @@ os.environ.setdefault("DSPY_CACHEDIR", str(Path(__file__).resolve().parent.paren
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Local models generate in process unless a test asks for vLLM (a server start takes minutes).
 os.environ.setdefault("STEPER_ENGINE", "transformers")
+# ... in this process: a tiny model gains nothing from worker processes, which take seconds to start.
+os.environ.setdefault("STEPER_WORKERS", "1")
 # The test models are tiny: a second thread only adds synchronisation (8 training steps: 1.5 s on one, 15 s on two).
 torch.set_num_threads(1)
 

@@ -54,14 +54,18 @@ def test_the_demos_of_every_stage_are_in_every_teacher_prompt_in_one_order():
         assert stage_demos[0].rationale in demo_block
 
 
-def test_the_student_prompt_is_the_layout_without_demos_and_parses_like_the_chat_adapter():
+def test_the_student_prompt_is_the_layout_without_demos_or_instructions_and_parses_like_the_chat_adapter():
     signature = IRCoT(ListRetriever(PASSAGES)).aggregate.signature
     inputs = {"question": "Where?", "passages": ["A | a"], "rationales": ["x."]}
     messages = student_adapter().format(signature, demos=[], inputs=inputs)
     assert [m["role"] for m in messages] == ["system", "user"] and messages[0]["content"] == SYSTEM_MESSAGE
     user = messages[1]["content"]
-    assert user.index("[[ ## question ## ]]") < user.index("[[ ## passages ## ]]") < user.index("Your objective:")
-    assert signature.instructions.split()[0] in user and "`answer`" in user
+    step = f"Your step: {signature.__name__}"
+    assert user.index("[[ ## question ## ]]") < user.index("[[ ## passages ## ]]") < user.index(step)
+    assert user.index(step) < user.index("`[[ ## answer ## ]]`")  # the output fields are still named
+    assert "Your objective:" not in user and signature.instructions.split(":")[0] not in user
+    assert "Your objective:" in SharedPrefixAdapter().format(signature, demos=[], inputs=inputs)[1]["content"]
+    assert student_adapter().layout != SharedPrefixAdapter().layout
     reply = "[[ ## rationale ## ]]\nSo Beta.\n\n[[ ## answer ## ]]\nBeta\n\n[[ ## completed ## ]]"
     assert student_adapter().parse(signature, reply) == dspy.ChatAdapter().parse(signature, reply)
     assert SharedPrefixAdapter().format_finetune_data(signature, [], inputs, {"rationale": "r", "answer": "a"})[

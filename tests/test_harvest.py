@@ -3,7 +3,8 @@ import json
 import dspy
 import pytest
 
-from steper_dspy.adapter import student_adapter
+from steper_dspy import SteperError
+from steper_dspy.adapter import SharedPrefixAdapter, student_adapter
 from steper_dspy.compilers import GroundedStepFilter, HarvestStore, harvest
 from steper_dspy.programs import IRCoT
 from tests.scripted import PASSAGES, ListRetriever, scripted_teacher
@@ -77,6 +78,26 @@ def test_samples_are_formatted_exactly_like_the_student_prompt(tmp_path):
         "role": "assistant",
         "content": "[[ ## rationale ## ]]\nAlpha was born in Beta.\n\n[[ ## completed ## ]]\n",
     }
+
+
+def test_a_harvest_file_of_another_prompt_layout_is_refused_by_a_resumed_harvest(tmp_path):
+    path = tmp_path / "h.jsonl"
+    run_harvest(path, ["Which country is Alpha's city in?"])
+    assert next(HarvestStore(path).samples())["layout"] == student_adapter().layout
+    # A file written with the full layout (and one from before layouts were named, which holds that layout).
+    full = SharedPrefixAdapter(use_json_adapter_fallback=False)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for unnamed in (False, True):
+        for line in lines:
+            for sample in line["samples"]:
+                sample.pop("layout", None) if unnamed else sample.update(layout=full.layout)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(SteperError, match="prompt layout 'shared-prefix'.*move the file away"):
+            run_harvest(path, ["Which country is Alpha's city in?", "Where was Alpha born?"])
+        assert len(HarvestStore(path)) == 1, "nothing was appended"
+    # The same file resumes with the adapter it was written with.
+    report, _ = run_harvest(path, ["Which country is Alpha's city in?", "Where was Alpha born?"], adapter=full)
+    assert report.chains == 2
 
 
 def test_failed_chains_are_dropped_with_their_reason(tmp_path):

@@ -197,13 +197,14 @@ def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_
         results = run_generation_benchmark(settings, tmp_path / "out")
     finally:
         vllm_module.stop_all()
-    assert len(closed) == 2  # both in-process models freed before the vLLM server starts
+    assert len(closed) == 3  # every in-process model freed before the vLLM server starts
     runs = [(r["engine"], r["concurrency"], r["workload"]) for r in results["rows"]]
     assert runs == [
         (engine, concurrency, workload)
         for engine, concurrency in (
             ("transformers-sequential", 1),
             ("transformers-batched", 2),
+            ("transformers-workers", 2),  # one worker here (STEPER_WORKERS=1 in the tests)
             ("vllm", 1),
             ("vllm", 2),
         )
@@ -220,8 +221,8 @@ def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"] == results["rows"] and "cpu" in saved["machine"]
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert progress[0].startswith("[1/8] student transformers-sequential x1 recording:") and progress[-1].startswith(
-        "[8/8]"
+    assert progress[0].startswith("[1/10] student transformers-sequential x1 recording:") and progress[-1].startswith(
+        "[10/10]"
     )
     assert (tmp_path / "out" / "generation.png").stat().st_size > 0
     assert markdown(results).count("\n") == len(results["rows"]) + 1

@@ -114,3 +114,16 @@ def test_compile_errors_are_clear(tiny_model_dir, tmp_path):
             trainset=examples(list(SCRIPT)[:1]),
             teacher=scripted_teacher(SCRIPT, ANSWERS)[0],
         )
+
+
+def test_training_refuses_samples_formatted_in_another_prompt_layout(compiled, tmp_path):
+    _, _, _, out = compiled
+    lines = [json.loads(line) for line in (out / "harvest.jsonl").read_text().splitlines()]
+    for line in lines:
+        for sample in line["samples"]:
+            sample["layout"] = SharedPrefixAdapter().layout
+    harvest = tmp_path / "harvest.jsonl"
+    harvest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    teleprompter = STEPER("m", output_dir=tmp_path, harvest_path=harvest, progress=False)
+    with pytest.raises(SteperError, match="prompt layout 'shared-prefix'"):
+        teleprompter.train()

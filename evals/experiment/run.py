@@ -13,6 +13,7 @@ from typing import Any
 
 import dspy
 
+from steper_dspy.adapter import student_adapter
 from steper_dspy.compilers import HarvestReport, run_on_student
 from steper_dspy.evals.evaluate import EvaluationReport, combine_runs, evaluate_program
 from steper_dspy.evals.experiment.config import RunConfig
@@ -20,6 +21,7 @@ from steper_dspy.evals.experiment.lms import run_student_lm, teacher_lm, teacher
 from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
 from steper_dspy.evals.experiment.systems import SYSTEMS, configured_system, make_teleprompter
 from steper_dspy.evals.experiment.task import Task, TestSet, load_task
+from steper_dspy.lm.engine import TransformersEngine
 from steper_dspy.training import TrainingResult
 
 CONFIG_FILE = "config.yaml"
@@ -121,7 +123,9 @@ def run_experiment(
         evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
     if include_untrained:
         untrained = run_student_lm(config, config.student)
-        evaluate_system(results, timings, "untrained student", config, task, untrained, student=True)
+        evaluate_system(results, timings, "untrained student", config, task, untrained, student=True, instructions=True)
+        if isinstance(untrained.engine, TransformersEngine):
+            untrained.engine.close()  # frees the model and its worker processes before training
     trained: dict[str, TrainingResult] = {}
     seeds = config.seeds or [config.training_config().seed]
     for system, folder in runs:
@@ -178,14 +182,18 @@ def evaluate_system(
     lm: dspy.LM,
     *,
     student: bool,
+    instructions: bool = False,
     progress: bool = True,
 ) -> None:
     """Evaluate `system` (the run's program on `lm`) on every test set of the task: its reports go into
-    `results` (test set -> system -> report) and its wall time into `timings` as ``eval <system>``."""
+    `results` (test set -> system -> report) and its wall time into `timings` as ``eval <system>``.
+
+    `student` runs it with the student adapter, with the steps' instructions when `instructions` (an untrained
+    student); otherwise with the teacher's adapter and demos."""
     with timings.track(f"eval {system}"):
         for testset in task.testsets:
             if student:
-                program = run_on_student(task.program(config, testset), lm)
+                program = run_on_student(task.program(config, testset), lm, student_adapter(instructions=instructions))
             else:
                 program = teacher_program(config, task, lm, testset)
             results.setdefault(testset.name, {})[system] = _evaluate(config, program, testset, progress)

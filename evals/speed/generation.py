@@ -36,7 +36,8 @@ from steper_dspy.evals.speed.common import bar_plot, machine, write_json
 
 DATA = Path("../shared/data/multihop")
 WORKLOAD_FILES = {"2wiki": "2wikimultihopqa_dev164.jsonl", "hotpotqa": "hotpotqa_dev200.jsonl"}
-ENGINES = ("transformers-sequential", "transformers-batched", "vllm")
+# transformers-workers: the batched engine in one worker process per core (see steper_dspy.lm.workers).
+ENGINES = ("transformers-sequential", "transformers-batched", "transformers-workers", "vllm")
 
 
 @dataclass
@@ -236,7 +237,9 @@ def _normalised(text: str) -> str:
 
 def _engine_runs(settings: GenerationBenchmark) -> int:
     """How many (engine, concurrency) runs `_engines` yields per model."""
-    in_process = sum(e in settings.engines for e in ("transformers-sequential", "transformers-batched"))
+    in_process = sum(
+        e in settings.engines for e in ("transformers-sequential", "transformers-batched", "transformers-workers")
+    )
     return in_process + (len(settings.concurrency) if "vllm" in settings.engines else 0)
 
 
@@ -255,14 +258,23 @@ def _engines(model: str, settings: GenerationBenchmark, out: Path) -> Any:
             prefix_cache_tokens=0,
             max_tokens=settings.max_tokens,
             cache=False,
+            workers=1,
         )
         yield "transformers-sequential", 1, lm, no_reset
         _unload(lm)
-    if "transformers-batched" in settings.engines:
-        batch = settings.batch_size
-        lm = local_lm(model, engine="transformers", max_batch_size=batch, max_tokens=settings.max_tokens, cache=False)
-        yield "transformers-batched", batch, lm, no_reset
-        _unload(lm)
+    batch = settings.batch_size
+    for name, workers in (("transformers-batched", 1), ("transformers-workers", None)):
+        if name in settings.engines:
+            lm = local_lm(
+                model,
+                engine="transformers",
+                max_batch_size=batch,
+                max_tokens=settings.max_tokens,
+                cache=False,
+                workers=workers,
+            )
+            yield name, lm.engine.max_concurrency, lm, no_reset
+            _unload(lm)
     if "vllm" in settings.engines:
         lm = vllm_lm(model, max_tokens=settings.max_tokens, cache=False, log_path=out / f"vllm-{Path(model).stem}.log")
         base = lm.kwargs["api_base"].removesuffix("/v1")

@@ -24,6 +24,7 @@ from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
 from steper_dspy.lm.prefix_cache import PrefixCache, prefill_batch, prompt_prefixes
 from steper_dspy.lm.threaded import ThreadedAsyncEngine
+from steper_dspy.lm.workers import WorkerPool, default_workers, usable_cores
 
 # DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
 # otherwise ramble on for, and the marker is kept in the text so the adapter still sees a complete answer.
@@ -111,6 +112,8 @@ class _Loaded:
 # Engines built with the same settings (copies, reloaded programs) share one loaded model while any is alive.
 _LOADED: weakref.WeakValueDictionary[tuple, _Loaded] = weakref.WeakValueDictionary()
 _LOADED_LOCK = threading.Lock()
+# Likewise their worker processes.
+_POOLS: weakref.WeakValueDictionary[tuple, WorkerPool] = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class TransformersEngine:
             follows the longest prompt prefix computed before (the steps of a chain share theirs); 0 turns it off.
         marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
             (for a student, whose reply is unparseable without one); None never stops early.
+        workers: Processes that generate, each with the model and `threads` torch threads (see
+            `steper_dspy.lm.workers`); 1 generates in this process, None picks `default_workers`.
+        threads: Torch threads per worker process (default: the usable cores shared out among the workers).
     """
 
     def __init__(
@@ -160,7 +166,11 @@ class TransformersEngine:
         max_batch_size: int = 8,
         prefix_cache_tokens: int = 16_384,
         marker_patience: int | None = None,
+        workers: int | None = 1,
+        threads: int | None = None,
     ):
+        if workers is not None and workers < 1:
+            raise SteperError(f"workers must be at least 1, not {workers}.")
         self.model = _portable(model)
         self.adapter = None if adapter is None else _portable(adapter)
         self.dtype = str(dtype).removeprefix("torch.")
@@ -169,7 +179,11 @@ class TransformersEngine:
         self.max_batch_size = max_batch_size
         self.prefix_cache_tokens = prefix_cache_tokens
         self.marker_patience = marker_patience
+        self.workers = workers
+        self.threads = threads
         self._loaded: _Loaded | None = None
+        self._pool: WorkerPool | None = None
+        self._worker_count: int | None = None
         self._fingerprint: str | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TransformersEngine:
@@ -197,7 +211,15 @@ class TransformersEngine:
     @property
     def max_concurrency(self) -> int:
         """How many requests the engine serves at once: DSPy threads beyond it only wait."""
-        return self.max_batch_size
+        return self.max_batch_size * self.worker_count
+
+    @property
+    def worker_count(self) -> int:
+        """The processes that generate: `workers`, or `default_workers` for this device and model."""
+        if self._worker_count is None:
+            device = default_device() if self.device == "auto" else self.device
+            self._worker_count = self.workers or default_workers(device, self.model)
+        return self._worker_count
 
     def load(self) -> tuple[Any, Any]:
         """Load (once) and return `(model, tokenizer)`."""
@@ -207,6 +229,8 @@ class TransformersEngine:
     def complete(self, request: Request) -> Response:
         """Generate one completion for a DSPy request."""
         validate_request(request)
+        if self.worker_count > 1:
+            return self._ensure_pool().complete(request)
         try:
             loaded = self._ensure_loaded()
             prompt = chat_prompt_ids(loaded.tokenizer, request_messages(request))
@@ -265,13 +289,29 @@ class TransformersEngine:
             self._loaded = loaded
         return loaded
 
+    def _ensure_pool(self) -> WorkerPool:
+        if self._pool is not None:
+            return self._pool
+        key = (*(v for k, v in sorted(self.dump_state().items()) if k != "fingerprint"),)
+        with _LOADED_LOCK:
+            pool = _POOLS.get(key)
+            if pool is None:
+                state = {k: v for k, v in self.dump_state().items() if k not in ("workers", "threads")}
+                workers = self.worker_count
+                threads = self.threads or max(1, usable_cores() // workers)
+                pool = WorkerPool(state, workers=workers, threads=threads, max_batch_size=self.max_batch_size)
+                _POOLS[key] = pool
+            self._pool = pool
+        return pool
+
     def stream(self, request: Request) -> Iterator[Any]:
         """Stream events of one completion (generated whole, then emitted)."""
         return response_to_events(self.complete(request))
 
     def close(self) -> None:
-        """Drop this engine's handle on the model; it is freed once no engine uses it."""
+        """Drop this engine's handle on the model (and its workers); freed once no engine uses them."""
         self._loaded = None
+        self._pool = None
 
     def dump_state(self) -> dict[str, Any]:
         """JSON-able settings that rebuild this engine (used by `program.save`)."""
@@ -284,6 +324,8 @@ class TransformersEngine:
             "max_batch_size": self.max_batch_size,
             "prefix_cache_tokens": self.prefix_cache_tokens,
             "marker_patience": self.marker_patience,
+            "workers": self.workers,
+            "threads": self.threads,
             "fingerprint": self.fingerprint,
         }
 

@@ -30,6 +30,7 @@ def local_lm(
     max_batch_size: int = 8,
     prefix_cache_tokens: int = 16_384,
     marker_patience: int | None = None,
+    workers: int | None = None,
     server_log: str | Path | None = None,
     **kwargs: Any,
 ) -> dspy.LM:
@@ -58,6 +59,9 @@ def local_lm(
             what follows the longest prompt prefix it has seen (0 turns it off; vLLM caches prefixes itself).
         marker_patience: Stop a reply that has not begun a ChatAdapter field marker within this many tokens
             (transformers only; for students, whose replies cannot parse without one).
+        workers: Processes the transformers engine generates in, each with the model and its share of the CPU
+            cores; 1 generates in this process, None picks :func:`steper_dspy.lm.workers.default_workers` (one
+            per core on a CPU, as memory allows; ``STEPER_WORKERS`` sets it).
         server_log: Where the vLLM server writes its log.
         **kwargs: Further `dspy.LM` arguments (e.g. `num_retries`, `callbacks`, `stop`).
 
@@ -86,6 +90,7 @@ def local_lm(
         max_batch_size=max_batch_size,
         prefix_cache_tokens=prefix_cache_tokens,
         marker_patience=marker_patience,
+        workers=workers,
     )
     return dspy.LM(
         local.model_string,

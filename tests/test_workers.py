@@ -1,0 +1,90 @@
+"""Generation in worker processes: the same greedy replies as in process, chains kept on one worker, and a
+dead worker or a model that cannot load reported as one clear error."""
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+from steper_dspy.errors import SteperError
+from steper_dspy.lm import workers
+from steper_dspy.lm.errors import SteperLMError
+from steper_dspy.lm.local import local_lm
+from steper_dspy.lm.workers import WorkerPool, default_workers
+
+QUESTIONS = [f"Question {i}: who was born in city {i}?" for i in range(6)]
+
+
+def _ask(lm, text, max_tokens=10):
+    request = Request(
+        model=lm.model, messages=(Message.user(text),), config=Config(temperature=0.0, max_tokens=max_tokens)
+    )
+    return lm(request).text
+
+
+@pytest.fixture(scope="module")
+def pooled(tiny_model_dir):
+    lm = local_lm(tiny_model_dir, engine="transformers", dtype="float32", cache=False, workers=2, max_batch_size=4)
+    yield lm
+    lm.engine.close()
+
+
+def test_workers_give_the_in_process_greedy_replies_and_share_the_requests(pooled, tiny_model_dir):
+    alone = local_lm(tiny_model_dir, engine="transformers", dtype="float32", cache=False, max_batch_size=1)
+    expected = [_ask(alone, q) for q in QUESTIONS]
+    with ThreadPoolExecutor(8) as threads:
+        replies = list(threads.map(lambda q: _ask(pooled, q), QUESTIONS))
+    assert replies == expected
+    pool = pooled.engine._pool
+    assert pool.workers == 2 and pooled.engine.max_concurrency == 8
+    assert all(recent for recent in pool._recent), "both workers served requests"
+
+
+def test_a_chain_s_next_step_goes_to_the_worker_that_holds_its_prefix(pooled):
+    pool = pooled.engine._pool
+    first = "Step one of a long chain about the river " * 4
+    _ask(pooled, first)
+    holder = next(i for i, recent in enumerate(pool._recent) if any(first in key for key in recent))
+    pool._in_flight[holder] += 5  # busier than the other worker
+    try:
+        assert pool._pick(first + " and step two") == holder  # the shared prefix wins
+        assert pool._pick("Step one of another chain") != holder  # a prefix of the template only does not
+    finally:
+        pool._in_flight[holder] -= 5
+
+
+def test_a_worker_that_dies_fails_its_requests_with_a_clear_error(tiny_model_dir):
+    lm = local_lm(tiny_model_dir, engine="transformers", dtype="float32", cache=False, workers=2, max_tokens=8)
+    _ask(lm, QUESTIONS[0])
+    pool = lm.engine._pool
+    os.kill(pool._processes[0].pid, signal.SIGKILL)
+    pool._processes[0].wait()
+    time.sleep(0.2)
+    with pytest.raises(SteperLMError, match="worker 0 exited"):
+        _ask(lm, QUESTIONS[1])
+    lm.engine.close()
+    pool.close()
+    assert all(p.poll() is not None for p in pool._processes), "no worker process is left behind"
+
+
+def test_a_model_the_workers_cannot_load_is_one_clear_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(SteperError, match="broken"):
+        WorkerPool({"model": str(broken)}, workers=1, threads=1, max_batch_size=1)
+
+
+def test_default_workers_are_one_per_core_on_a_cpu_as_memory_allows(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("STEPER_WORKERS")
+    monkeypatch.setattr(workers, "usable_cores", lambda: 4)
+    assert default_workers("cuda") == 1
+    assert default_workers("cpu") == 4
+    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    monkeypatch.setattr(workers, "_available_memory", lambda: 5 * weights)
+    assert default_workers("cpu", tiny_model_dir) == 2  # two copies' worth of memory for each worker
+    monkeypatch.setenv("STEPER_WORKERS", "3")
+    assert default_workers("cpu", tiny_model_dir) == 3
