@@ -75,7 +75,7 @@ def test_a_model_the_workers_cannot_load_is_one_clear_error(tiny_model_dir, tmp_
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     with pytest.raises(SteperError, match="broken"):
-        WorkerPool({"model": str(broken)}, workers=1, threads=1, max_batch_size=1)
+        WorkerPool({"model": str(broken)}, workers=1, threads=1)
 
 
 def test_default_workers_are_one_per_core_on_a_cpu_as_memory_allows(tiny_model_dir, monkeypatch):

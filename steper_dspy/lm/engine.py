@@ -229,13 +229,17 @@ class TransformersEngine:
     def complete(self, request: Request) -> Response:
         """Generate one completion for a DSPy request."""
         validate_request(request)
-        if self.worker_count > 1:
-            return self._ensure_pool().complete(request)
         try:
-            loaded = self._ensure_loaded()
-            prompt = chat_prompt_ids(loaded.tokenizer, request_messages(request))
+            messages = request_messages(request)
+            if self.worker_count > 1:  # a worker generates; the prompt's text routes it (see WorkerPool)
+                prompt_text = "\x00".join(message["content"] for message in messages)
+            else:
+                loaded = self._ensure_loaded()
+                prompt = chat_prompt_ids(loaded.tokenizer, messages)
         except SteperError as exc:
             raise engine_error(exc, request.model) from exc
+        if self.worker_count > 1:
+            return self._ensure_pool().complete(request, prompt_text)
         config = request.config
         stops = tuple(config.stop or ())
         max_new = config.max_tokens or self.max_tokens
@@ -292,14 +296,15 @@ class TransformersEngine:
     def _ensure_pool(self) -> WorkerPool:
         if self._pool is not None:
             return self._pool
-        key = (*(v for k, v in sorted(self.dump_state().items()) if k != "fingerprint"),)
+        state = self.dump_state()
+        key = (*(v for k, v in sorted(state.items()) if k != "fingerprint"),)
         with _LOADED_LOCK:
             pool = _POOLS.get(key)
             if pool is None:
-                state = {k: v for k, v in self.dump_state().items() if k not in ("workers", "threads")}
                 workers = self.worker_count
                 threads = self.threads or max(1, usable_cores() // workers)
-                pool = WorkerPool(state, workers=workers, threads=threads, max_batch_size=self.max_batch_size)
+                engine_state = {k: v for k, v in state.items() if k not in ("workers", "threads")}
+                pool = WorkerPool(engine_state, workers=workers, threads=threads)
                 _POOLS[key] = pool
             self._pool = pool
         return pool

@@ -91,17 +91,15 @@ class WorkerPool:
         engine_state: The engine's `dump_state()` without `workers` (each worker builds the engine from it).
         workers: How many processes.
         threads: Torch threads per worker.
-        max_batch_size: Requests a worker generates together (its engine's batch size).
     """
 
-    def __init__(self, engine_state: dict[str, Any], *, workers: int, threads: int, max_batch_size: int):
+    def __init__(self, engine_state: dict[str, Any], *, workers: int, threads: int):
         self.engine_state = engine_state
         self.workers = workers
         self.threads = threads
-        self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
         self._ids = count()
-        self._pending: dict[int, tuple[int, Future]] = {}
+        self._pending: dict[int, Future] = {}
         self._in_flight = [0] * workers
         self._recent: list[list[str]] = [[] for _ in range(workers)]
         self._connections: list[Connection] = []
@@ -171,16 +169,15 @@ class WorkerPool:
                 listener.close()
                 return
 
-    def complete(self, request: Request) -> Response:
-        """Answer `request` on one worker (blocking)."""
+    def complete(self, request: Request, key: str) -> Response:
+        """Answer `request` on one worker (blocking); `key`, the text of its prompt, picks the worker."""
         future: Future = Future()
-        key = _prompt_key(request)
         with self._lock:
             if self._failure is not None:
                 raise SteperLMError(self._failure)
             worker = self._pick(key)
             job = next(self._ids)
-            self._pending[job] = (worker, future)
+            self._pending[job] = future
             self._in_flight[worker] += 1
             recent = self._recent[worker]
             recent.append(key)
@@ -208,7 +205,7 @@ class WorkerPool:
 
     def _answered(self, index: int, job: int, ok: bool, value: Any) -> None:
         with self._lock:
-            _, future = self._pending.pop(job)
+            future = self._pending.pop(job)
             self._in_flight[index] -= 1
         future.set_result((ok, value))
 
@@ -217,7 +214,7 @@ class WorkerPool:
             if self._failure is None:
                 self._failure = message
             pending, self._pending = list(self._pending.values()), {}
-        for _, future in pending:
+        for future in pending:
             if not future.done():
                 future.set_result((False, SteperLMError(message)))
 
@@ -257,12 +254,3 @@ def _stop(processes: list[subprocess.Popen], connections: list[Connection]) -> N
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-def _prompt_key(request: Request) -> str:
-    parts: list[str] = []
-    system = request.system
-    if system is not None:
-        parts.append(system if isinstance(system, str) else "".join(p.text for p in system))
-    parts.extend(message.text or "" for message in request.messages)
-    return "\x00".join(parts)
