@@ -151,39 +151,67 @@ def _ask(lm, question, **config):
     return lm(request).text
 
 
-def _count_generate_calls(engine, monkeypatch):
-    net, _ = engine.load()
-    rows = []
-    generate = net.generate
-
-    def counted(*args, **kwargs):
-        rows.append(kwargs["input_ids"].shape[0])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(net, "generate", counted)
-    return rows
+def _generate_reference(lm, question, max_new_tokens):
+    """transformers' own greedy `generate` on one prompt, as the engine formats it."""
+    net, tokenizer = lm.engine.load()
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    with torch.inference_mode():
+        out = net.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
 
 
-def test_concurrent_requests_are_batched_with_the_same_greedy_outputs(tiny_model_dir, monkeypatch):
+def test_concurrent_requests_are_batched_with_the_same_greedy_outputs(tiny_model_dir):
     sequential = local_lm(tiny_model_dir, dtype="float32", max_tokens=12, cache=False, max_batch_size=1)
     expected = [_ask(sequential, q) for q in QUESTIONS]
+    assert expected == [_generate_reference(sequential, q, 12) for q in QUESTIONS]
     batched = local_lm(tiny_model_dir, dtype="float32", max_tokens=12, cache=False, max_batch_size=8)
-    rows = _count_generate_calls(batched.engine, monkeypatch)
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda q: _ask(batched, q), QUESTIONS))
     assert texts == expected  # left padding changes no greedy output
-    assert sum(rows) == len(QUESTIONS) and max(rows) > 1  # fewer generate calls than requests
+    batcher = batched.engine._ensure_loaded().batcher
+    assert batcher.rows_decoded > batcher.forward_passes  # steps shared by several requests
 
 
-def test_requests_with_other_settings_go_to_other_batches(tiny_model_dir, monkeypatch):
+def test_a_request_joins_a_running_batch_and_leaves_it_when_done(tiny_model_dir, monkeypatch):
+    lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_batch_size=8, prefix_cache_tokens=0)
+    alone = [lm(_request_for(lm, q, 30)) for q in QUESTIONS[:2]]
+    batcher = lm.engine._ensure_loaded().batcher
+    net, _ = lm.engine.load()
+    forward, steps, pool = net.forward, [0], ThreadPoolExecutor(1)
+    late: list = []
+
+    def forward_that_sends_a_second_request(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step
+            steps[0] += 1
+            if steps[0] == 5:  # the first request is decoding: the second one arrives now
+                late.append(pool.submit(lambda: lm(_request_for(lm, QUESTIONS[1], 3))))
+                while batcher._queue.empty():
+                    pass
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", forward_that_sends_a_second_request)
+    passes = batcher.forward_passes
+    first = lm(_request_for(lm, QUESTIONS[0], 30))
+    second = late[0].result()
+    assert first.text == alone[0].text and first.usage.output_tokens == alone[0].usage.output_tokens
+    assert second.usage.output_tokens <= 3 and alone[1].text.startswith(second.text)
+    # The second request's steps were the first's: no step of its own.
+    assert batcher.forward_passes - passes == first.usage.output_tokens
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(tiny_model_dir):
     lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_batch_size=8)
-    rows = _count_generate_calls(lm.engine, monkeypatch)
-    jobs = [(q, 3 if i % 2 else 9) for i, q in enumerate(QUESTIONS)]
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda job: lm(_request_for(lm, *job)), jobs))
-    for (_, max_tokens), response in zip(jobs, responses, strict=True):
-        assert response.usage.output_tokens <= max_tokens
-    assert len(rows) >= 2 and sum(rows) == len(jobs)
+    sampled = Request(
+        model=lm.model,
+        messages=(Message.user(QUESTIONS[3]),),
+        config=Config(temperature=1.0, top_k=20, top_p=0.9, seed=11, max_tokens=12),
+    )
+    alone = lm(sampled).text
+    with ThreadPoolExecutor(6) as pool:
+        others = [pool.submit(lambda q=q: _ask(lm, q, max_tokens=12)) for q in QUESTIONS[:5]]
+        together = pool.submit(lambda: lm(sampled).text).result()
+        [other.result() for other in others]
+    assert together == alone
 
 
 def _request_for(lm, question, max_tokens):
@@ -277,7 +305,7 @@ def test_a_cached_prompt_prefix_is_not_computed_again_and_changes_no_greedy_outp
     expected = [plain(r).text for r in _chain_requests(plain)]
     responses = [cached(r) for r in _chain_requests(cached)]  # one at a time: each reuses the last
     assert [r.text for r in responses] == expected
-    prefixes = cached.engine._ensure_loaded().prefix_cache
+    prefixes = cached.engine._ensure_loaded().batcher.prefix_cache
     assert prefixes.hits == 2 and prefixes.reused_tokens > 100
     # Each response reports the prompt tokens served from the cache, as vLLM's usage does.
     reported = [r.usage.cache_read_tokens for r in responses]

@@ -9,11 +9,11 @@ Workloads (the same requests and questions for every engine):
   demos, the student with its own adapter).
 
 Engines: ``transformers-sequential`` (the in-process engine one request at a time and without its prefix cache,
-as before this project's batching), ``transformers-batched`` (concurrent requests in one `generate`, prompt
-prefixes computed before reused) and ``vllm`` (a managed server at
-each concurrency; its prefix cache is emptied between runs, so no run reuses another's prompts). Each output is
-compared with the sequential engine's: ``greedy_identical`` is the share that is the same (reply text for the
-recording, the final answer for chains).
+as before this project's batching), ``transformers-batched`` (concurrent requests decoded in one continuous
+batch, prompt prefixes computed before reused) and ``vllm`` (a managed server at each concurrency; its prefix
+cache is emptied between runs, so no run reuses another's prompts). Each output is compared with the sequential
+engine's: ``greedy_identical`` is the share that is the same (reply text for the recording, the final answer
+for chains).
 
 Run it with `steper speed generation -o DIR`.
 """

@@ -2,66 +2,25 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Request, Response, TextPart, Usage, response_to_events
-from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.attention import use_grouped_decode_attention
-from steper_dspy.lm.batching import GenerationBatcher
+from steper_dspy.lm.batching import COMPLETED_MARKER, ContinuousBatcher, GenerationSettings
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint
-from steper_dspy.lm.prefix_cache import PrefixCache, prefill_batch, prompt_prefixes
+from steper_dspy.lm.prefix_cache import PrefixCache
 from steper_dspy.lm.threaded import ThreadedAsyncEngine
 from steper_dspy.lm.workers import WorkerPool, default_workers, usable_cores
-
-# DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
-# otherwise ramble on for, and the marker is kept in the text so the adapter still sees a complete answer.
-COMPLETED_MARKER = "[[ ## completed ## ]]"
-
-
-class NoFieldMarker(StoppingCriteria):
-    """Stop a row that has generated `patience` tokens without starting a ChatAdapter field marker.
-
-    Every reply the ChatAdapter can parse holds a ``[[ ## field ## ]]`` header; a model that has not begun one
-    after a few dozen tokens (an untrained student answering in prose) will not produce a parseable reply, so
-    its remaining tokens are not worth generating.
-
-    Args:
-        tokenizer: The tokenizer that decodes the generated ids.
-        prompt_length: Width of the (left-padded) prompt block at the start of `input_ids`.
-        patience: Generated tokens allowed before the first ``[[`` of a marker.
-    """
-
-    def __init__(self, tokenizer: Any, prompt_length: int, patience: int):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-        self.patience = patience
-        self._begun: set[int] = set()  # rows that have begun a marker: never stopped by this criterion
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if input_ids.shape[1] - self.prompt_length < self.patience:
-            return done
-        for row, ids in enumerate(input_ids[:, self.prompt_length :]):
-            if row in self._begun:
-                continue
-            if "[[" in self.tokenizer.decode(ids, skip_special_tokens=True):
-                self._begun.add(row)
-            else:
-                done[row] = True
-        return done
 
 
 def cut_at_stop(text: str, stops: Sequence[str], *, keep: Sequence[str] = (COMPLETED_MARKER,)) -> tuple[str, bool]:
@@ -97,16 +56,7 @@ def request_messages(request: Request) -> list[dict[str, str]]:
 class _Loaded:
     model: Any
     tokenizer: Any
-    eos_ids: set[int]
-    batcher: GenerationBatcher | None = None
-    prefix_cache: PrefixCache | None = None
-    _stop_criteria: dict[tuple[str, ...], StopStringCriteria] = field(default_factory=dict)
-
-    def stop_criterion(self, stops: tuple[str, ...]) -> StopStringCriteria:
-        """transformers' stop-string criterion for `stops`, built once (building it walks the whole vocabulary)."""
-        if stops not in self._stop_criteria:
-            self._stop_criteria[stops] = StopStringCriteria(self.tokenizer, list(stops))
-        return self._stop_criteria[stops]
+    batcher: ContinuousBatcher
 
 
 # Engines built with the same settings (copies, reloaded programs) share one loaded model while any is alive.
@@ -116,24 +66,12 @@ _LOADED_LOCK = threading.Lock()
 _POOLS: weakref.WeakValueDictionary[tuple, WorkerPool] = weakref.WeakValueDictionary()
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """What must be equal across the requests of one batch."""
-
-    max_new_tokens: int
-    stops: tuple[str, ...]
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    seed: int | None
-    marker_patience: int | None
-
-
 class TransformersEngine:
     """Generates with a local Hugging Face causal LM, loaded lazily once and shared by DSPy's threads.
 
-    Concurrent requests (DSPy's threads) with the same generation settings are batched into one left-padded
-    `generate` of up to `max_batch_size` prompts; `max_batch_size=1` generates one request at a time.
+    Concurrent requests (DSPy's threads) are decoded together, up to `max_batch_size` at once, each joining
+    and leaving the running batch on its own (`ContinuousBatcher`); `max_batch_size=1` generates one request
+    at a time.
 
     Honours `Request.config`: greedy decoding when temperature is 0 or None, sampling otherwise (with
     top_p/top_k/seed when given), `max_tokens` (else the engine's default), and `stop` strings. Generation also
@@ -245,7 +183,7 @@ class TransformersEngine:
         max_new = config.max_tokens or self.max_tokens
         _check_context(loaded.model, len(prompt), max_new, request)
         sample = bool(config.temperature)
-        settings = _Settings(
+        settings = GenerationSettings(
             max_new_tokens=max_new,
             stops=stops,
             temperature=config.temperature if sample else None,
@@ -255,7 +193,7 @@ class TransformersEngine:
             marker_patience=self.marker_patience,
         )
         new_ids, cached = loaded.batcher.generate(prompt, settings)
-        ended_on_eos = bool(new_ids) and new_ids[-1] in loaded.eos_ids
+        ended_on_eos = bool(new_ids) and new_ids[-1] in loaded.batcher.eos_ids
         text, stopped = cut_at_stop(loaded.tokenizer.decode(new_ids, skip_special_tokens=True), stops)
         finish = "stop" if ended_on_eos or stopped or len(new_ids) < max_new else "length"
         usage = Usage(
@@ -282,12 +220,12 @@ class TransformersEngine:
                 eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
                 eos_ids.add(tokenizer.eos_token_id)
                 prefixes = PrefixCache(self.prefix_cache_tokens) if self.prefix_cache_tokens else None
-                loaded = _Loaded(model, tokenizer, eos_ids, prefix_cache=prefixes)
-                # The worker holds the model weakly, so that it is freed (and the worker ends) with its engines.
-                batcher = GenerationBatcher(
-                    partial(_generate_batch, weakref.proxy(loaded)), max_batch_size=self.max_batch_size
+                batcher = ContinuousBatcher(
+                    model, tokenizer, eos_ids, max_batch_size=self.max_batch_size, prefix_cache=prefixes
                 )
-                loaded.batcher = batcher
+                loaded = _Loaded(model, tokenizer, batcher)
+                # The batcher's thread holds the model, not `loaded`: once no engine holds `loaded`, the thread
+                # ends and frees the model.
                 weakref.finalize(loaded, batcher.close)
                 _LOADED[key] = loaded
             self._loaded = loaded
@@ -347,54 +285,6 @@ class TransformersEngine:
                 "at the new weights with local_lm(...) and save it again, or restore the original files."
             )
         return engine
-
-
-def _generate_batch(loaded: _Loaded, prompts: list[list[int]], settings: _Settings) -> list[tuple[list[int], int]]:
-    """One left-padded `generate` over prompts that share `settings`: per prompt, its new ids cut at its end and
-    how many of its prompt tokens came from the prefix cache."""
-    net, tokenizer = loaded.model, loaded.tokenizer
-    generation = copy.deepcopy(net.generation_config)
-    generation.do_sample = settings.temperature is not None
-    generation.max_new_tokens = settings.max_new_tokens
-    generation.max_length = None
-    generation.eos_token_id = sorted(loaded.eos_ids)
-    generation.temperature = settings.temperature
-    generation.top_p = settings.top_p
-    generation.top_k = settings.top_k
-    generation.return_dict_in_generate = True  # for the prompt's keys and values, kept by the prefix cache
-    pad = tokenizer.pad_token_id
-    cache = loaded.prefix_cache
-    hits = [cache.longest(p) for p in prompts] if cache is not None else [(0, None)] * len(prompts)
-    criteria = StoppingCriteriaList([loaded.stop_criterion((COMPLETED_MARKER, *settings.stops))])
-    with torch.inference_mode():
-        layout = prefill_batch(net, prompts, hits, pad)
-        width = layout.input_ids.shape[1]
-        if settings.marker_patience is not None:
-            criteria.append(NoFieldMarker(tokenizer, width, settings.marker_patience))
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        output = net.generate(
-            input_ids=layout.input_ids,
-            attention_mask=layout.attention_mask,
-            past_key_values=layout.cache,
-            generation_config=generation,
-            stopping_criteria=criteria,
-        )
-    if cache is not None:
-        for prefix in prompt_prefixes(output.past_key_values, prompts, layout.real_columns):
-            cache.add(prefix)
-    new_ids = [_generated(row, loaded.eos_ids, pad) for row in output.sequences[:, width:].tolist()]
-    return [(ids, shared) for ids, (shared, _) in zip(new_ids, hits, strict=True)]
-
-
-def _generated(row: list[int], eos_ids: set[int], pad: int) -> list[int]:
-    """A row's new ids up to and including its eos; a row stopped by a stop string is padded after it."""
-    for index, token in enumerate(row):
-        if token in eos_ids:
-            return row[: index + 1]
-    while row and row[-1] == pad:
-        row = row[:-1]
-    return row
 
 
 def _check_context(model: Any, prompt_length: int, max_new: int, request: Request) -> None:

@@ -2,7 +2,7 @@
 
 It connects back to the pool, builds a `TransformersEngine` from the state the pool sends, loads the model and
 answers requests until the pool closes the connection; requests are served by as many threads as the engine
-batches, so that its batcher gathers them into one `generate`.
+batches, so that they decode together in its batcher.
 """
 
 from __future__ import annotations
