@@ -21,6 +21,18 @@ def test_grouped_decode_attention_equals_sdpa_over_a_padded_cache():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+def test_several_queries_without_a_mask_attend_causally_as_sdpa_does():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.is_causal = 3, True
+    query, key, value = torch.randn(1, 6, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    ours, _ = grouped_decode_attention(module, query, key, value, None, scaling=0.3)
+    reference, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
 def test_a_cpu_model_generates_the_same_greedy_tokens_with_it(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     ids = torch.randint(5, 300, (3, 40), generator=torch.Generator().manual_seed(0))

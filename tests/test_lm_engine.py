@@ -199,6 +199,37 @@ def test_a_request_joins_a_running_batch_and_leaves_it_when_done(tiny_model_dir,
     assert batcher.forward_passes - passes == first.usage.output_tokens
 
 
+def test_greedy_replies_apply_the_models_repetition_penalty_as_generate_does(tiny_model_dir, tmp_path):
+    from transformers import GenerationConfig
+
+    penalised = tmp_path / "penalised"
+    shutil.copytree(tiny_model_dir, penalised)
+    config = GenerationConfig.from_pretrained(penalised)
+    config.repetition_penalty = 1.5
+    config.save_pretrained(penalised)
+    lm = local_lm(penalised, dtype="float32", max_tokens=20, cache=False, max_batch_size=8)
+    expected = [_generate_reference(lm, q, 20) for q in QUESTIONS[:4]]
+    plain = local_lm(tiny_model_dir, dtype="float32", max_tokens=20, cache=False)
+    assert expected != [_generate_reference(plain, q, 20) for q in QUESTIONS[:4]]  # the penalty changes replies
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda q: _ask(lm, q), QUESTIONS[:4])) == expected
+
+
+def test_a_closed_batcher_fails_requests_instead_of_hanging(tiny_model_dir):
+    from steper_dspy.lm.batching import ContinuousBatcher, GenerationSettings
+
+    lm = local_lm(tiny_model_dir, dtype="float32", cache=False)
+    net, tokenizer = lm.engine.load()
+    batcher = ContinuousBatcher(net, tokenizer, {tokenizer.eos_token_id})
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": QUESTIONS[0]}])
+    assert batcher.generate(prompt, GenerationSettings(max_new_tokens=3))[0]
+    batcher.close()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        batcher.generate(prompt, GenerationSettings(max_new_tokens=3))
+    with pytest.raises(ValueError, match="empty prompt"):
+        batcher.generate([], GenerationSettings(max_new_tokens=3))
+
+
 def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(tiny_model_dir):
     lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_batch_size=8)
     sampled = Request(

@@ -35,7 +35,8 @@ def grouped_decode_attention(
 
     batch, heads, queries, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    if queries > MAX_DECODE_QUERIES or module.training or dropout:
+    # No mask for several queries means a causal prompt without padding (SDPA's `is_causal`): SDPA's job too.
+    if queries > MAX_DECODE_QUERIES or module.training or dropout or (attention_mask is None and queries > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scale = scaling if scaling is not None else dim**-0.5
     grouped = query.view(batch, kv_heads, heads // kv_heads * queries, dim)

@@ -8,9 +8,11 @@ one batch, one token a step: a new request computes its prompt (after the longes
 that arrive in the meantime wait: on the quickstart's evaluation its batches averaged 4 rows out of 8.
 
 The rows are left-padded to the batch's width, the padding masked out and positions counted over real tokens
-only, so every row sees what it would see alone: greedy replies are those of `model.generate`. Each row keeps
-its own settings (token limit, stop strings, sampling with its own seeded generator), so requests of different
-settings share a batch.
+only, so every row sees what it would see alone: greedy replies are those of `model.generate` (with the
+model's repetition penalty; its other generation-config processors, such as `no_repeat_ngram_size`, are not
+applied). Each row keeps its own settings (token limit, stop strings, sampling with its own seeded generator),
+so requests of different settings share a batch; a seeded sample is the same in any batch where the batch's
+logits equal the row's alone (fp32 on a CPU; bf16 kernels may round differently with the batch shape).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class GenerationSettings:
     marker_patience: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     prompt: list[int]
     settings: GenerationSettings
@@ -120,6 +122,8 @@ class ContinuousBatcher:
         self._mask: torch.Tensor | None = None  # [B, width]: 1 where a column holds a row's token
         self._cache: Any = None
         self._stop_criteria: dict[tuple[str, ...], Any] = {}
+        self._closed = False
+        self._closing = threading.Lock()  # no request is queued behind the close sentinel
         self._worker = threading.Thread(target=self._run, name="steper-generation", daemon=True)
         self._worker.start()
 
@@ -129,13 +133,21 @@ class ContinuousBatcher:
         Returns:
             The new token ids (up to and including an eos) and how many prompt tokens came from the prefix cache.
         """
+        if not prompt:
+            raise ValueError("an empty prompt: give at least one token")
         job = _Job(prompt, settings)
-        self._queue.put(job)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the model was unloaded")
+            self._queue.put(job)
         return job.future.result()
 
     def close(self) -> None:
-        """End the worker thread; requests still queued or decoding fail."""
-        self._queue.put(_CLOSE)
+        """End the worker thread; requests still queued or decoding fail, later ones raise."""
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_CLOSE)
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -143,6 +155,7 @@ class ContinuousBatcher:
                 jobs = self._take_jobs()
                 if _CLOSE in jobs:
                     self._fail([row.job for row in self._rows] + [job for job in jobs if job is not _CLOSE])
+                    self._rows, self._layers, self._mask, self._cache = [], [], None, None
                     return
                 try:
                     for job in jobs:
@@ -216,7 +229,8 @@ class ContinuousBatcher:
         greedy = logits.argmax(dim=-1).tolist()
         finished = []
         for index, row in enumerate(self._rows):
-            token = greedy[index] if row.job.settings.temperature is None else self._sample(row, logits[index])
+            plain = row.job.settings.temperature is None and self.repetition_penalty is None
+            token = greedy[index] if plain else self._choose(row, logits[index])
             row.generated.append(token)
             row.next_token = token
             if self._ended(row):
@@ -224,7 +238,9 @@ class ContinuousBatcher:
         if finished:
             self._leave(finished)
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+    def _choose(self, row: _Row, logits: torch.Tensor) -> int:
+        """The row's next token after the model's repetition penalty (as `generate` applies it, greedy or not),
+        greedy or sampled with the row's settings."""
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         settings = row.job.settings
@@ -234,6 +250,8 @@ class ContinuousBatcher:
             from transformers import RepetitionPenaltyLogitsProcessor
 
             scores = RepetitionPenaltyLogitsProcessor(self.repetition_penalty)(ids, scores)
+        if settings.temperature is None:
+            return int(scores.argmax(dim=-1).item())
         scores = TemperatureLogitsWarper(settings.temperature)(ids, scores)
         if settings.top_k:
             scores = TopKLogitsWarper(settings.top_k)(ids, scores)
