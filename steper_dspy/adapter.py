@@ -33,11 +33,13 @@ import dspy
 from dspy.adapters.utils import get_field_description_string
 from dspy.signatures.signature import Signature
 
+# ChatAdapter's end marker: generation stops right after it (in process and on vLLM) and keeps it.
+COMPLETED_MARKER = "[[ ## completed ## ]]"
 SYSTEM_MESSAGE = (
     "You carry out one step of a multi-step question-answering program. Each request gives its input fields, "
     "each after a header of the form [[ ## name ## ]], then the objective of the step and its output fields. "
     "Write every output field after its own [[ ## name ## ]] header, in the order given, and end with "
-    "[[ ## completed ## ]]."
+    f"{COMPLETED_MARKER}."
 )
 
 

@@ -230,6 +230,41 @@ def test_a_closed_batcher_fails_requests_instead_of_hanging(tiny_model_dir):
         batcher.generate([], GenerationSettings(max_new_tokens=3))
 
 
+def test_a_prompt_that_fails_to_compute_fails_alone_and_the_batch_decodes_on(tiny_model_dir, monkeypatch):
+    from steper_dspy.lm import batching
+    from steper_dspy.lm.batching import ContinuousBatcher, GenerationSettings
+
+    lm = local_lm(tiny_model_dir, dtype="float32", cache=False)
+    net, tokenizer = lm.engine.load()
+    batcher = ContinuousBatcher(net, tokenizer, set())  # no eos: the first request decodes all its tokens
+    first, bad = (chat_prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS[:2])
+    settings = GenerationSettings(max_new_tokens=10)
+    alone = batcher.generate(first, settings)
+    prefill, forward, steps, pool, late = batching.prefill_row, net.forward, [0], ThreadPoolExecutor(1), []
+
+    def prefill_that_fails_for_the_bad_prompt(model, prompt, *args):
+        if prompt == bad:
+            raise RuntimeError("out of memory")
+        return prefill(model, prompt, *args)
+
+    def forward_that_sends_the_bad_request(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:  # a decode step of the first request
+            steps[0] += 1
+            if steps[0] == 3:
+                late.append(pool.submit(batcher.generate, bad, settings))
+                while batcher._queue.empty():
+                    pass
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(batching, "prefill_row", prefill_that_fails_for_the_bad_prompt)
+    monkeypatch.setattr(net, "forward", forward_that_sends_the_bad_request)
+    assert batcher.generate(first, settings) == alone
+    with pytest.raises(RuntimeError, match="out of memory"):
+        late[0].result()
+    assert steps[0] > 3  # the bad request arrived while the first one was decoding
+    batcher.close()
+
+
 def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(tiny_model_dir):
     lm = local_lm(tiny_model_dir, dtype="float32", cache=False, max_batch_size=8)
     sampled = Request(

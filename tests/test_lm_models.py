@@ -141,9 +141,9 @@ def test_load_model(tiny_model_dir):
 
 
 def test_default_dtype_follows_the_cpu(monkeypatch):
-    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     assert default_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(models, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     assert default_dtype("cpu") == torch.float32
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from rich.table import Table
 
+from steper_dspy.adapter import COMPLETED_MARKER
 from steper_dspy.errors import SteperError
 from steper_dspy.evals.speed.common import bar_plot, machine, write_json
 
@@ -232,7 +233,7 @@ def _call(lm: Any, request: Any) -> tuple[str, dict[str, Any]]:
 
 def _normalised(text: str) -> str:
     # vLLM may end a reply at the end marker without printing it; the replies are the same otherwise.
-    return text.replace("[[ ## completed ## ]]", "").strip()
+    return text.replace(COMPLETED_MARKER, "").strip()
 
 
 def _engine_runs(settings: GenerationBenchmark) -> int:

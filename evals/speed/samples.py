@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
 
+from steper_dspy.adapter import COMPLETED_MARKER
 from steper_dspy.errors import SteperError
 
 # About three step samples per question (init, one or two expansions, aggregate); drawn with a margin.
@@ -66,7 +67,7 @@ class GoldChainEngine:
         return Response(
             id=None,
             model="gold-chain",
-            message=Message.assistant([TextPart(text + "\n\n[[ ## completed ## ]]")]),
+            message=Message.assistant([TextPart(f"{text}\n\n{COMPLETED_MARKER}")]),
             finish_reason="stop",
             usage=Usage(input_tokens=0, output_tokens=0, total_tokens=0),
         )

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
+from steper_dspy.adapter import COMPLETED_MARKER
 from steper_dspy.lm.prefix_cache import Prefix, PrefixCache, layer_tensors, prefill_row
 
-# DSPy's ChatAdapter ends every answer with this marker; stopping there saves the tokens a model would
+# DSPy's ChatAdapter ends every answer with COMPLETED_MARKER; stopping there saves the tokens a model would
 # otherwise ramble on for, and the marker is kept in the text so the adapter still sees a complete answer.
-COMPLETED_MARKER = "[[ ## completed ## ]]"
 # Tokens of a row's end checked for its stop strings (no stop string is longer).
 STOP_WINDOW = 256
 
@@ -184,8 +184,12 @@ class ContinuousBatcher:
         """Compute the prompt but its last token (after its cached prefix) and add it as a row, right-aligned."""
         prompt = job.prompt
         shared, entry = self.prefix_cache.longest(prompt) if self.prefix_cache is not None else (0, None)
-        layers = prefill_row(self.model, prompt, shared, entry)
-        row = _Row(job, shared, prompt[-1], generator=_generator(job.settings, self.model.device))
+        try:
+            layers = prefill_row(self.model, prompt, shared, entry)
+        except Exception as exc:  # this prompt alone (out of memory, too long): the running rows decode on
+            job.future.set_exception(exc)
+            return
+        row = _Row(job, shared, prompt[-1], generator=_generator(job.settings, _logits_device(self.model)))
         length = len(prompt) - 1
         width = 0 if self._mask is None else self._mask.shape[1]
         if self._rows and not self._layers and layers:  # the rows so far hold no columns yet (one-token prompts)
@@ -309,6 +313,12 @@ class ContinuousBatcher:
         self._mask = mask[:, first:]
         self._layers = [(k[rows, :, first:], v[rows, :, first:]) for k, v in layers]
         self._cache = None
+
+
+def _logits_device(model: Any) -> torch.device:
+    """Where the model computes its logits: its output layer's device (the last one of a sharded model)."""
+    head = model.get_output_embeddings()
+    return head.weight.device if head is not None else model.device
 
 
 def _generator(settings: GenerationSettings, device: torch.device) -> torch.Generator | None:

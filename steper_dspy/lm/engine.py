@@ -12,9 +12,10 @@ from typing import Any
 from dspy.clients.engines.base import validate_request
 from dspy.lm15 import ContextLengthError, Message, Request, Response, TextPart, Usage, response_to_events
 
+from steper_dspy.adapter import COMPLETED_MARKER
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.attention import use_grouped_decode_attention
-from steper_dspy.lm.batching import COMPLETED_MARKER, ContinuousBatcher, GenerationSettings
+from steper_dspy.lm.batching import ContinuousBatcher, GenerationSettings
 from steper_dspy.lm.chat import chat_prompt_ids
 from steper_dspy.lm.errors import engine_error
 from steper_dspy.lm.models import default_device, load_model, model_fingerprint

@@ -271,10 +271,11 @@ def default_dtype(device: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if str(device).startswith("mps"):
         return torch.float16
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 matmuls are emulated."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

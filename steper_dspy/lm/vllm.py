@@ -34,8 +34,6 @@ from steper_dspy.lm.models import is_adapter_dir, model_fingerprint, resolve_mod
 
 HOST = "127.0.0.1"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-# ChatAdapter's end marker: the server stops there and keeps it, as the in-process engine does.
-COMPLETED_MARKER = "[[ ## completed ## ]]"
 _CONCURRENCY = re.compile(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x")
 # Lines of a failed start that name its cause, most specific first.
 _CAUSES = (
@@ -380,4 +378,6 @@ atexit.register(stop_all)
 def request_settings() -> dict[str, Any]:
     """`dspy.LM` settings that make vLLM stop after ChatAdapter's end marker and keep it, as the in-process
     engine does (the same text for the same greedy generation)."""
+    from steper_dspy.adapter import COMPLETED_MARKER  # the adapter imports dspy, which a server's caller has
+
     return {"stop": [COMPLETED_MARKER], "extra_body": {"include_stop_str_in_output": True}}
