@@ -197,6 +197,25 @@ def test_batch_loss_is_independent_of_padding_packing_and_logit_trimming(tiny_mo
             assert projected[-2:] == [int((batch["labels"] != -100).any(0).sum()), batch["labels"].shape[1]]
 
 
+def test_a_forward_that_ignores_logits_to_keep_gives_the_untrimmed_losses(tiny_model_dir):
+    from steper_dspy.training.trainer import target_token_losses
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    features = build_training_data(validate_samples(_samples(6)), tokenizer, STAGES, 1024, pack=True).features
+    batch = StageCollator(tokenizer.pad_token_id)(features)
+    forward = model.forward
+
+    def forward_that_ignores_logits_to_keep(*args, logits_to_keep=0, **kwargs):
+        return forward(*args, **kwargs)
+
+    with torch.no_grad():
+        losses, stages = target_token_losses(model, batch, trim_logits=False)
+        model.forward = forward_that_ignores_logits_to_keep
+        trimmed_losses, trimmed_stages = target_token_losses(model, batch, trim_logits=True)
+    assert torch.allclose(trimmed_losses, losses, atol=1e-6) and torch.equal(trimmed_stages, stages)
+
+
 def test_packed_chains_give_the_per_stage_losses_and_gradients_of_unpacked_samples(tiny_model_dir):
     from steper_dspy.training.trainer import target_token_losses
     from steper_dspy.training.weighting import stage_token_losses

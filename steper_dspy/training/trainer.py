@@ -185,6 +185,8 @@ def target_token_losses(
         labels, label_stages = labels[:, positions], label_stages[:, positions]
     outputs = model(**inputs, use_cache=False)
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    if trim_logits and logits.shape[1] != labels.shape[1]:  # a forward that takes the argument but ignores it
+        logits = logits[:, positions]
     token_ce = F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE_INDEX
     )
