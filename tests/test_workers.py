@@ -3,11 +3,14 @@ dead worker or a model that cannot load reported as one clear error."""
 
 import os
 import signal
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from dspy.lm15 import Config, Message, Request
+from dspy.utils.exceptions import ContextWindowExceededError
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm import workers
@@ -68,6 +71,49 @@ def test_a_worker_that_dies_fails_its_requests_with_a_clear_error(tiny_model_dir
     lm.engine.close()
     pool.close()
     assert all(p.poll() is not None for p in pool._processes), "no worker process is left behind"
+
+
+def test_a_prompt_beyond_the_context_keeps_its_error_type_through_the_workers(pooled):
+    request = Request(model=pooled.model, messages=(Message.user("word " * 9000),), config=Config(max_tokens=8))
+    with pytest.raises(ContextWindowExceededError, match="beyond the model's context of 8192 tokens"):
+        pooled(request)  # DSPy tells a context overflow by its type (ReAct truncates its trajectory on it)
+    assert _ask(pooled, QUESTIONS[0])  # the pool goes on
+
+
+def test_a_new_lm_does_not_get_the_pool_of_a_dead_worker_back(tiny_model_dir):
+    settings = {"engine": "transformers", "dtype": "float32", "cache": False, "workers": 2, "max_tokens": 9}
+    lm = local_lm(tiny_model_dir, **settings)
+    expected = _ask(lm, QUESTIONS[0])
+    dead = lm.engine._pool
+    os.kill(dead._processes[0].pid, signal.SIGKILL)
+    dead._processes[0].wait()
+    deadline = time.monotonic() + 30
+    while not all(p.poll() is not None for p in dead._processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(p.poll() is not None for p in dead._processes), "the surviving worker is stopped with its pool"
+    again = local_lm(tiny_model_dir, **settings)
+    assert _ask(again, QUESTIONS[0]) == expected and again.engine._pool is not dead
+    again.engine._pool.close()
+
+
+def test_a_worker_that_dies_before_it_connects_is_one_clear_error(monkeypatch):
+    popen = workers.subprocess.Popen
+    monkeypatch.setattr(
+        workers.subprocess, "Popen", lambda command, **kw: popen([sys.executable, "-c", "raise SystemExit(3)"], **kw)
+    )
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            WorkerPool({"model": "unused"}, workers=2, threads=1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    starting.join(60)
+    assert not starting.is_alive(), "the pool waited forever for a worker that had exited"
+    assert isinstance(errors[0], SteperError) and "did not start" in str(errors[0]) and "code 3" in str(errors[0])
 
 
 def test_a_model_the_workers_cannot_load_is_one_clear_error(tiny_model_dir, tmp_path):

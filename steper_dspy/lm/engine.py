@@ -239,7 +239,7 @@ class TransformersEngine:
         key = (*(v for k, v in sorted(state.items()) if k != "fingerprint"),)
         with _LOADED_LOCK:
             pool = _POOLS.get(key)
-            if pool is None:
+            if pool is None or pool.failed:  # a pool whose worker died serves its own engines' errors only
                 workers = self.worker_count
                 threads = self.threads or max(1, usable_cores() // workers)
                 engine_state = {k: v for k, v in state.items() if k not in ("workers", "threads")}

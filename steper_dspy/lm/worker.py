@@ -8,7 +8,6 @@ batches, so that they decode together in its batcher.
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ def serve(connection: Connection, index: int, threads: int) -> None:
 
     from steper_dspy.lm.engine import TransformersEngine
     from steper_dspy.lm.errors import SteperLMError
+    from steper_dspy.lm.workers import error_for_pool
 
     torch.set_num_threads(threads)
     connection.send(index)
@@ -39,23 +39,22 @@ def serve(connection: Connection, index: int, threads: int) -> None:
         try:
             reply: tuple[int, bool, Any] = (job, True, engine.complete(request))
         except Exception as exc:
-            reply = (job, False, exc)
-        if not reply[1]:
-            try:  # an error the pool could not unpickle would be lost with its job: check it round-trips
-                pickle.loads(pickle.dumps(reply[2]))
-            except Exception:
-                reply = (job, False, SteperLMError(f"{type(reply[2]).__name__}: {reply[2]}"))
+            reply = (job, False, error_for_pool(exc))
         with send_lock:
-            connection.send(reply)
+            try:
+                connection.send(reply)
+            except (EOFError, OSError):  # the pool is gone
+                return
+            except Exception as exc:  # a reply that does not pickle: its caller still gets an answer
+                connection.send((job, False, SteperLMError(f"The reply could not be sent ({exc!r}).")))
 
     with ThreadPoolExecutor(engine.max_batch_size) as pool:
         while True:
             try:
                 job, request = connection.recv()
             except (EOFError, OSError):
-                break
+                os._exit(0)  # the pool is gone: do not wait for requests still generating
             pool.submit(answer, job, request)
-    os._exit(0)  # the pool is gone: do not wait for requests still generating
 
 
 def main(argv: list[str]) -> None:

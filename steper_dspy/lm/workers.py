@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +28,7 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from dspy.lm15 import Request, Response
+from dspy.lm15 import ContextLengthError, Request, Response
 
 from steper_dspy.errors import SteperError
 from steper_dspy.lm.errors import SteperLMError
@@ -139,22 +141,21 @@ class WorkerPool:
                 while len(connections) < self.workers:
                     connection = listener.accept()
                     connections[connection.recv()] = connection
-            except OSError:
-                self.close()
-                raise SteperError(
-                    "The generation worker processes did not start: see the errors above (python -m "
-                    "steper_dspy.lm.worker)."
-                ) from None
+            except (EOFError, OSError):
+                raise self._start_failed("did not start") from None
             finally:
                 connected.set()
         self._connections.extend(connections[i] for i in range(self.workers))
-        for connection in self._connections:
-            connection.send(self.engine_state)
-        for connection in self._connections:  # each loads the model, then says it is ready
-            status, message = connection.recv()
-            if status != "ready":
-                self.close()
-                raise SteperError(message)
+        try:
+            for connection in self._connections:
+                connection.send(self.engine_state)
+            for connection in self._connections:  # each loads the model, then says it is ready
+                status, message = connection.recv()
+                if status != "ready":
+                    self.close()
+                    raise SteperError(message)
+        except (EOFError, OSError):
+            raise self._start_failed("exited while loading the model") from None
         for index, connection in enumerate(self._connections):
             # The reader holds the pool weakly, so that the pool is freed (and stops its workers) with its engines.
             reader = threading.Thread(
@@ -162,12 +163,28 @@ class WorkerPool:
             )
             reader.start()
 
+    def _start_failed(self, what: str) -> SteperError:
+        codes = ", ".join(f"worker {i}: code {p.poll()}" for i, p in enumerate(self._processes) if p.poll() is not None)
+        self.close()
+        return SteperError(
+            f"The generation worker processes {what} ({codes or 'timed out'}): see the errors above "
+            "(python -m steper_dspy.lm.worker)."
+        )
+
     def _watch_start(self, listener: Listener, connected: threading.Event) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not connected.wait(0.2):
             if time.monotonic() > deadline or any(p.poll() is not None for p in self._processes):
+                # close() alone does not wake a thread blocked in accept() on Linux; shutting the socket down does.
+                with contextlib.suppress(AttributeError, OSError):
+                    listener._listener._socket.shutdown(socket.SHUT_RDWR)
                 listener.close()
                 return
+
+    @property
+    def failed(self) -> bool:
+        """Whether a worker stopped: the pool then answers every request with that error."""
+        return self._failure is not None
 
     def complete(self, request: Request, key: str) -> Response:
         """Answer `request` on one worker (blocking); `key`, the text of its prompt, picks the worker."""
@@ -189,7 +206,7 @@ class WorkerPool:
             self._fail(f"A generation worker stopped ({err}).")
         ok, value = future.result()
         if not ok:
-            raise value
+            raise error_from_worker(value)
         return value
 
     def _pick(self, key: str) -> int:
@@ -205,9 +222,10 @@ class WorkerPool:
 
     def _answered(self, index: int, job: int, ok: bool, value: Any) -> None:
         with self._lock:
-            future = self._pending.pop(job)
+            future = self._pending.pop(job, None)  # None: the pool failed and answered it already
             self._in_flight[index] -= 1
-        future.set_result((ok, value))
+        if future is not None:
+            future.set_result((ok, value))
 
     def _fail(self, message: str) -> None:
         with self._lock:
@@ -217,10 +235,11 @@ class WorkerPool:
         for future in pending:
             if not future.done():
                 future.set_result((False, SteperLMError(message)))
+        self._stop()  # the other workers too: a failed pool is never used again (see `failed`)
 
     def close(self) -> None:
-        """Stop the workers."""
-        self._stop()
+        """Stop the workers; requests still in flight fail."""
+        self._fail("The generation workers were stopped.")
 
 
 def _read(pool_ref: weakref.ref, index: int, connection: Connection) -> None:
@@ -228,11 +247,15 @@ def _read(pool_ref: weakref.ref, index: int, connection: Connection) -> None:
     while True:
         try:
             job, ok, value = connection.recv()
-        except (EOFError, OSError):
+        except Exception as exc:  # the connection ended (the worker exited) or a reply could not be read
             pool = pool_ref()
-            if pool is not None:
-                code = pool._processes[index].poll()
-                pool._fail(f"Generation worker {index} exited (code {code}) with requests in flight.")
+            if pool is not None and not pool.failed:
+                cause = f"sent a reply that could not be read ({exc!r})"
+                if isinstance(exc, (EOFError, OSError)):
+                    with contextlib.suppress(subprocess.TimeoutExpired):  # its exit code, once it is reaped
+                        pool._processes[index].wait(timeout=2)
+                    cause = f"exited (code {pool._processes[index].poll()})"
+                pool._fail(f"Generation worker {index} {cause} with requests in flight.")
             return
         pool = pool_ref()
         if pool is None:
@@ -254,3 +277,22 @@ def _stop(processes: list[subprocess.Popen], connections: list[Connection]) -> N
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def error_for_pool(exc: Exception) -> Any:
+    """A worker's request error in a form that reaches the pool: DSPy tells a context overflow by its type, which
+    does not pickle, and an error the pool could not unpickle would be lost with its request."""
+    if isinstance(exc, ContextLengthError):
+        return ("ContextLengthError", str(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return SteperLMError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def error_from_worker(value: Any) -> Exception:
+    """The exception to raise for a worker's `error_for_pool` value."""
+    if isinstance(value, tuple) and value[0] == "ContextLengthError":
+        return ContextLengthError(value[1])
+    return value
