@@ -8,6 +8,7 @@ and logs vLLM's concurrency line. The environment steers it:
 - ``FAKE_VLLM_DIE_AFTER``: exit (code 137, as if killed) after answering this many completions.
 - ``FAKE_VLLM_MAX_PROMPT``: answer 400 with vLLM's context-length message to prompts longer than this (chars).
 - ``FAKE_VLLM_STARTUP_S``: seconds to wait before serving.
+- ``FAKE_VLLM_REPLY_S``: seconds each completion takes before its first byte (a busy CPU server).
 """
 
 import argparse
@@ -59,6 +60,7 @@ def main() -> None:
                 message = f"This model's maximum context length is {max_prompt} tokens. However, your request has {prompt} input tokens."
                 self._send(400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400})
                 return
+            time.sleep(float(os.environ.get("FAKE_VLLM_REPLY_S", "0")))
             try:
                 text = engine.reply(user)
             except (AttributeError, KeyError):  # not a scripted question: a plain reply

@@ -69,6 +69,22 @@ def test_local_lm_on_the_vllm_engine_calls_the_server(tiny_model_dir, tmp_path):
     assert again.kwargs["api_base"] == lm.kwargs["api_base"]  # one server per model and process
 
 
+def test_calls_to_a_managed_server_wait_for_a_slow_reply_longer_than_dspy_s_default(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from steper_dspy.lm import local
+
+    assert local.SERVER_TIMEOUT_S > 600  # DSPy's read timeout, which a harvest's first burst on one core exceeds
+    monkeypatch.setenv("FAKE_VLLM_REPLY_S", "2")
+    monkeypatch.setattr(local, "SERVER_TIMEOUT_S", 1.0)
+    impatient = local_lm(tiny_model_dir, engine="vllm", cache=False, num_retries=0)
+    with pytest.raises(Exception, match="timed out"):
+        impatient("hello")
+    monkeypatch.setattr(local, "SERVER_TIMEOUT_S", 10.0)
+    patient = local_lm(tiny_model_dir, engine="vllm", cache=False, num_retries=0)
+    assert "unknown" in patient("hello")[0]
+
+
 def test_auto_picks_vllm_when_installed_unless_told_otherwise(tiny_model_dir, monkeypatch):
     monkeypatch.delenv("STEPER_ENGINE", raising=False)
     assert resolve_engine("auto", tiny_model_dir) == "vllm"

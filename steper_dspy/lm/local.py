@@ -148,6 +148,7 @@ def vllm_lm(
 
     server = shared_server(model, dtype=dtype, log_path=log_path)
     kwargs.setdefault("num_retries", 1)  # loopback: a failure is the server's, not the network's
+    kwargs.setdefault("timeout", SERVER_TIMEOUT_S)
     return ServedLM(
         f"hosted_vllm/{server.name}",
         api_base=server.api_base,
@@ -157,6 +158,12 @@ def vllm_lm(
         cache=cache,
         **{**request_settings(), **kwargs},
     )
+
+
+# Seconds a call to a managed server waits for its reply. A CPU server with a dozen requests queued takes longer
+# than DSPy's 600 s to answer the last of them (a harvest's first burst on one core: most of its calls timed out,
+# and the server's work on them was lost); a server that dies fails its calls at once instead (`ServedLM`).
+SERVER_TIMEOUT_S = 4 * 3600.0
 
 
 class ServedLM(dspy.LM):
