@@ -174,6 +174,36 @@ def test_a_prompt_over_the_context_drops_its_chain_and_the_harvest_goes_on(tiny_
     assert report.dropped.get("context_length", 0) >= 1 and report.kept >= 1
 
 
+def test_ctrl_c_during_a_harvest_stops_the_server_at_once_and_exits_130(tiny_model_dir, tmp_path):
+    driver = textwrap.dedent(f"""
+        import sys
+        from steper_dspy.lm import vllm
+        vllm.SERVER_MODULE = "tests.fake_vllm"
+        vllm.vllm_available = lambda: True
+        from steper_dspy.cli import main
+        sys.argv = ["steper", "harvest", "--data", "synthetic", "--train-size", "4", "--teacher",
+                    {str(tiny_model_dir)!r}, "--engine", "vllm", "-o", {str(tmp_path / "out")!r}]
+        main()
+    """)
+    env = {**os.environ, "FAKE_VLLM_REPLY_S": "120", "PYTHONPATH": str(ROOT), "STEPER_CACHE": str(tmp_path / "c")}
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any("Maximum concurrency" in p.read_text() for p in (tmp_path / "out").glob("vllm-*.log")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.2)
+        time.sleep(3)  # the teacher's first calls are waiting on the (slow) server
+        tasks = Path(f"/proc/{proc.pid}/task").glob("*/children")  # the server's parent is a spawning thread
+        children = [int(pid) for task in tasks for pid in task.read_text().split()]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)  # not the 120 s the server would take to answer
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
+    assert children and all(not Path(f"/proc/{pid}").exists() for pid in children), "the server is left running"
+
+
 def test_the_server_goes_when_its_parent_is_killed(tiny_model_dir, tmp_path):
     parent = textwrap.dedent(f"""
         import sys, time

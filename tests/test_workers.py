@@ -134,3 +134,15 @@ def test_default_workers_are_one_per_core_on_a_cpu_as_memory_allows(tiny_model_d
     assert default_workers("cpu", tiny_model_dir) == 2  # two copies' worth of memory for each worker
     monkeypatch.setenv("STEPER_WORKERS", "3")
     assert default_workers("cpu", tiny_model_dir) == 3
+
+
+def test_stopping_local_generation_stops_the_workers_and_fails_their_requests(tiny_model_dir):
+    from steper_dspy.lm.local import stop_local_generation
+
+    lm = local_lm(tiny_model_dir, engine="transformers", dtype="float32", cache=False, workers=2, max_tokens=7)
+    assert _ask(lm, QUESTIONS[0])
+    pool = lm.engine._pool
+    stop_local_generation()  # what `steper` does on Ctrl-C
+    assert all(p.poll() is not None for p in pool._processes)
+    with pytest.raises(SteperLMError, match="stopped"):
+        _ask(lm, QUESTIONS[1])

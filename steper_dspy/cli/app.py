@@ -327,3 +327,11 @@ def main() -> None:
     except SteperError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         raise SystemExit(2) from None
+    except SystemExit as done:
+        if done.code == 130:  # typer's exit on Ctrl-C
+            from steper_dspy.lm.local import stop_local_generation
+
+            # Before the interpreter joins the threads still waiting on a busy server or worker: they fail now.
+            stop_local_generation()
+            console.print("interrupted: what was finished is saved; run the same command again to resume")
+        raise

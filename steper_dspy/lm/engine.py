@@ -67,6 +67,12 @@ _LOADED_LOCK = threading.Lock()
 _POOLS: weakref.WeakValueDictionary[tuple, WorkerPool] = weakref.WeakValueDictionary()
 
 
+def stop_worker_pools() -> None:
+    """Stop every generation worker process of this process; requests in flight fail at once."""
+    for pool in list(_POOLS.values()):
+        pool.close()
+
+
 class TransformersEngine:
     """Generates with a local Hugging Face causal LM, loaded lazily once and shared by DSPy's threads.
 

@@ -187,6 +187,16 @@ def _check_server(api_base: str | None) -> None:
         raise ServerDiedError(server.failure(server.exit_note()))
 
 
+def stop_local_generation() -> None:
+    """Stop the vLLM servers and generation workers this process started (on Ctrl-C: the calls that wait on
+    them fail at once instead of the process waiting, at exit, for a busy server to answer them)."""
+    from steper_dspy.lm.engine import stop_worker_pools
+    from steper_dspy.lm.vllm import stop_all
+
+    stop_all()
+    stop_worker_pools()
+
+
 def max_concurrency(lm: dspy.BaseLM) -> int | None:
     """How many calls `lm` serves at once (a managed vLLM server's capacity, the in-process batch size), or
     None when it cannot tell (an API model): the DSPy threads worth running against it. A recording LM
