@@ -9,11 +9,14 @@ and logs vLLM's concurrency line. The environment steers it:
 - ``FAKE_VLLM_MAX_PROMPT``: answer 400 with vLLM's context-length message to prompts longer than this (chars).
 - ``FAKE_VLLM_STARTUP_S``: seconds to wait before serving.
 - ``FAKE_VLLM_REPLY_S``: seconds each completion takes before its first byte (a busy CPU server).
+- ``FAKE_VLLM_ENGINE``: start a child process in the server's process group, as vLLM's engine core is, and log
+  its pid (``engine pid N``).
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +37,9 @@ def main() -> None:
         print(os.environ["FAKE_VLLM_FAIL"], flush=True)
         sys.exit(1)
     time.sleep(float(os.environ.get("FAKE_VLLM_STARTUP_S", "0")))
+    if os.environ.get("FAKE_VLLM_ENGINE"):
+        engine_core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"engine pid {engine_core.pid}", flush=True)
     print("CPU KV cache size: 40,960 tokens, Maximum concurrency for 8,192 tokens per request: 5.00x", flush=True)
     rationales, answers = script(48)
     engine = ScriptedEngine(rationales, answers)

@@ -3,6 +3,7 @@ context overflow, no orphan. A stand-in server (tests/fake_vllm.py) takes vLLM's
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -102,6 +103,7 @@ def test_auto_picks_vllm_when_installed_unless_told_otherwise(tiny_model_dir, mo
     ("log_text", "cause"),
     [
         ("RuntimeError: Cannot allocate memory for the KV cache", "not enough memory"),
+        ("ValueError: Available memory on node 0 (3.1 GiB) is less than requested memory for kv", "not enough memory"),
         ("RuntimeError: operator torchvision::nms does not exist", "pip uninstall -y torchvision"),
     ],
 )
@@ -111,6 +113,39 @@ def test_a_failed_start_names_the_cause_and_the_log(tiny_model_dir, tmp_path, mo
         _server(tiny_model_dir, tmp_path).start()
     assert str(tmp_path / "server.log") in str(err.value) and "exited with code 1" in str(err.value)
     assert running_servers() == []
+
+
+def test_a_failed_start_is_explained_by_its_own_run_of_the_log_not_an_earlier_one(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "OSError: [Errno 98] Address already in use")
+    with pytest.raises(SteperError, match="already in use"):
+        _server(tiny_model_dir, tmp_path).start()
+    monkeypatch.setenv("FAKE_VLLM_FAIL", "RuntimeError: some failure the log does not explain")
+    with pytest.raises(SteperError) as err:
+        _server(tiny_model_dir, tmp_path).start()  # the same log file, appended to
+    assert "exited with code 1." in str(err.value) and "already in use" not in str(err.value)
+
+
+def test_stopping_a_server_that_died_stops_its_engine_processes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_ENGINE", "1")
+    server = _server(tiny_model_dir, tmp_path).start()
+    engine = int(re.search(r"engine pid (\d+)", (tmp_path / "server.log").read_text()).group(1))
+    os.kill(server.process.pid, signal.SIGKILL)  # the API process dies; its engine process lives on
+    server.process.wait()
+    assert Path(f"/proc/{engine}").exists() and not server.alive()
+    stop_all()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{engine}").exists() and "zombie" not in _state(engine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{engine}").exists() or "zombie" in _state(engine), "the engine process is left running"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"
 
 
 def test_a_taken_port_is_refused_before_starting(tiny_model_dir, tmp_path):

@@ -13,7 +13,9 @@ KV cache sized to the free memory (`VLLM_CPU_KVCACHE_SPACE`); set those variable
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import http.client
 import importlib.util
 import math
 import os
@@ -40,7 +42,9 @@ _CAUSES = (
     (re.compile(r"address already in use|Errno 98", re.I), "port {port} is already in use"),
     (
         re.compile(
-            r"out of memory|Cannot allocate memory|MemoryError|insufficient memory|not enough (KV|memory)", re.I
+            r"out of memory|Cannot allocate memory|MemoryError|insufficient memory|not enough (KV|memory)|"
+            r"requested memory for kv|available KV cache memory|No available memory for the cache",
+            re.I,
         ),
         "not enough memory for the model and its KV cache (lower VLLM_CPU_KVCACHE_SPACE or max_model_len, or free memory)",
     ),
@@ -116,6 +120,7 @@ class VLLMServer:
         self.progress = progress
         self.process: subprocess.Popen | None = None
         self.stopped = False
+        self._log_start = 0  # where this run's part of the (appended) log begins
         self.max_concurrency = max_num_seqs
 
     @property
@@ -167,6 +172,7 @@ class VLLMServer:
 
     def _spawn(self) -> subprocess.Popen:
         with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()  # the log is shared by every run of the model: causes are read from here
             log.write(f"\n$ {' '.join(self.command())}\n".encode())
             log.flush()
             return subprocess.Popen(
@@ -198,7 +204,7 @@ class VLLMServer:
         try:
             with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=2) as response:
                 return response.status == 200
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):  # HTTPException: something else on the port
             return False
 
     def exit_note(self) -> str:
@@ -214,30 +220,35 @@ class VLLMServer:
 
     def failure(self, what: str) -> str:
         """One line for a person: this server `what` (e.g. "died"), the cause found in its log, and the log."""
-        tail = _log_tail(self.log_path)
+        tail = _log_tail(self.log_path, start=self._log_start)
         cause = next((text.format(port=self.port) for pattern, text in _CAUSES if pattern.search(tail)), None)
         because = f": {cause}" if cause else ""
         return f"The vLLM server for {self.model} {what}{because}. Its log: {self.log_path}"
 
     def _logged_concurrency(self) -> int | None:
-        found = _CONCURRENCY.findall(_log_tail(self.log_path, 200_000))
+        found = _CONCURRENCY.findall(_log_tail(self.log_path, 200_000, start=self._log_start))
         return max(1, min(self.max_num_seqs, math.floor(float(found[-1])))) if found else None
 
     def stop(self) -> None:
         """Stop the server and its engine processes (SIGTERM, then SIGKILL after 30 s)."""
-        process, self.stopped = self.process, True
-        if process is None or process.poll() is not None:
+        process = self.process
+        if process is None or self.stopped:
             return
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if process.poll() is not None:
+                break
             try:
                 os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
                 process.wait(timeout=wait_s)
-                return
+                break
+            except ProcessLookupError:
+                break
             except subprocess.TimeoutExpired:
                 continue
+        # The API process can be gone (it died, or left on SIGTERM) while vLLM's engine processes of its group live.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        self.stopped = True  # only now: an interrupted stop() is done again by stop_all at exit
 
     def __enter__(self) -> VLLMServer:
         return self.start()
@@ -324,6 +335,7 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM binds: a port in TIME_WAIT is free
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -331,10 +343,10 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _log_tail(path: Path, size: int = 20_000) -> str:
+def _log_tail(path: Path, size: int = 20_000, *, start: int = 0) -> str:
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            f.seek(max(start, f.seek(0, os.SEEK_END) - size))
             return f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
@@ -357,6 +369,9 @@ def shared_server(model: str | Path, **settings: Any) -> VLLMServer:
         wanted = _servable_folder(model)
         with _SERVERS_LOCK:
             found = next((s for s in _SERVERS if s.folder == wanted and s.alive()), None)
+            dead = [s for s in _SERVERS if s.folder == wanted and not s.alive()]
+        for server in dead:  # its engine processes may have outlived it: they would hold a second copy of the model
+            server.stop()
         return found or VLLMServer(model, **settings).start()
 
 
@@ -367,8 +382,10 @@ def server_at(api_base: str | None) -> VLLMServer | None:
 
 
 def stop_all() -> None:
-    """Stop every server this process started (also run at interpreter exit)."""
-    for server in running_servers():
+    """Stop every server this process started (also run at interpreter exit), dead ones' engine processes too."""
+    with _SERVERS_LOCK:
+        servers = list(_SERVERS)
+    for server in servers:
         server.stop()
 
 
