@@ -215,6 +215,19 @@ def test_greedy_replies_apply_the_models_repetition_penalty_as_generate_does(tin
         assert list(pool.map(lambda q: _ask(lm, q), QUESTIONS[:4])) == expected
 
 
+def test_generation_settings_the_batcher_does_not_apply_are_named_in_a_warning(tiny_model_dir, caplog):
+    from steper_dspy.lm.batching import ContinuousBatcher
+
+    net, tokenizer = local_lm(tiny_model_dir, dtype="float32", cache=False).engine.load()
+    with caplog.at_level("WARNING", logger="steper_dspy.lm.batching"):
+        ContinuousBatcher(net, tokenizer, set()).close()
+    assert caplog.records == []  # the tiny model's config asks for nothing the batcher lacks
+    net.generation_config.no_repeat_ngram_size = 3
+    with caplog.at_level("WARNING", logger="steper_dspy.lm.batching"):
+        ContinuousBatcher(net, tokenizer, set()).close()
+    assert "no_repeat_ngram_size" in caplog.text and "differ" in caplog.text
+
+
 def test_a_closed_batcher_fails_requests_instead_of_hanging(tiny_model_dir):
     from steper_dspy.lm.batching import ContinuousBatcher, GenerationSettings
 

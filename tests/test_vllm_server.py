@@ -156,6 +156,31 @@ def test_a_taken_port_is_refused_before_starting(tiny_model_dir, tmp_path):
             _server(tiny_model_dir, tmp_path, port=busy.getsockname()[1]).start()
 
 
+def test_a_free_port_taken_before_vllm_binds_it_is_retried_on_another(tiny_model_dir, tmp_path, monkeypatch):
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        stolen = thief.getsockname()[1]
+        ports = iter([stolen])
+        free_port = vllm_module._free_port
+        monkeypatch.setattr(vllm_module, "_free_port", lambda: next(ports, None) or free_port())
+        monkeypatch.setattr(vllm_module, "_port_is_free", lambda port: True)  # it was free when it was checked
+        server = _server(tiny_model_dir, tmp_path).start()
+    assert server.healthy() and server.port != stolen
+    assert "Address already in use" in (tmp_path / "server.log").read_text()  # the first attempt did fail on it
+
+
+def test_a_server_is_shared_only_with_the_same_dtype_and_enough_context(tiny_model_dir, tmp_path):
+    from steper_dspy.lm.vllm import shared_server
+
+    first = shared_server(tiny_model_dir, dtype="float32", max_model_len=4096, progress=False)
+    assert shared_server(tiny_model_dir, dtype="float32", max_model_len=2048) is first
+    longer = shared_server(tiny_model_dir, dtype="float32", max_model_len=8192, progress=False)
+    other_dtype = shared_server(tiny_model_dir, dtype="bfloat16", max_model_len=2048, progress=False)
+    assert len({id(first), id(longer), id(other_dtype)}) == 3
+    assert longer.max_model_len == 8192 and other_dtype.dtype == "bfloat16"
+
+
 def test_a_folder_that_is_not_a_model_is_refused_before_starting(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("not a model")

@@ -116,6 +116,23 @@ def test_a_worker_that_dies_before_it_connects_is_one_clear_error(monkeypatch):
     assert isinstance(errors[0], SteperError) and "did not start" in str(errors[0]) and "code 3" in str(errors[0])
 
 
+def test_a_worker_that_hangs_while_loading_is_one_clear_error_after_the_load_timeout(monkeypatch):
+    hangs = (
+        "import os, sys, time; from multiprocessing.connection import Client; "
+        "c = Client((sys.argv[1], int(sys.argv[2])), authkey=bytes.fromhex(os.environ['STEPER_WORKER_AUTHKEY'])); "
+        "c.send(int(sys.argv[3])); c.recv(); time.sleep(600)"
+    )
+    popen = workers.subprocess.Popen
+    monkeypatch.setattr(
+        workers.subprocess, "Popen", lambda command, **kw: popen([sys.executable, "-c", hangs, *command[3:]], **kw)
+    )
+    monkeypatch.setattr(workers, "LOAD_TIMEOUT_S", 2.0)
+    started = time.monotonic()
+    with pytest.raises(SteperError, match="did not load the model within 2 s") as err:
+        WorkerPool({"model": "unused"}, workers=2, threads=1)
+    assert time.monotonic() - started < 60 and "timed out" in str(err.value)
+
+
 def test_a_model_the_workers_cannot_load_is_one_clear_error(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -17,6 +17,7 @@ logits equal the row's alone (fp32 on a CPU; bf16 kernels may round differently 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -27,6 +28,8 @@ import torch
 
 from steper_dspy.adapter import COMPLETED_MARKER
 from steper_dspy.lm.prefix_cache import Prefix, PrefixCache, layer_tensors, prefill_row
+
+logger = logging.getLogger(__name__)
 
 # DSPy's ChatAdapter ends every answer with COMPLETED_MARKER; stopping there saves the tokens a model would
 # otherwise ramble on for, and the marker is kept in the text so the adapter still sees a complete answer.
@@ -84,6 +87,34 @@ class _Row:
 _CLOSE = _Job([], GenerationSettings(0))
 
 
+# Settings of a generation config for which `generate` adds a logits processor that the batcher does not have
+# (it applies the repetition penalty, and each request's own temperature, top-k and top-p).
+_UNAPPLIED_SETTINGS = (
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_length",
+    "min_new_tokens",
+    "sequence_bias",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+)
+
+
+def unapplied_generation_settings(config: Any) -> list[str]:
+    """The settings of generation config `config` that change `generate`'s replies and that the batcher ignores."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    return [name for name in _UNAPPLIED_SETTINGS if getattr(config, name, None) != getattr(default, name, None)]
+
+
 class ContinuousBatcher:
     """Decodes the requests in flight as one batch in a worker thread; `generate` blocks until its reply ends.
 
@@ -114,6 +145,13 @@ class ContinuousBatcher:
         self.prefix_cache = prefix_cache
         penalty = getattr(model.generation_config, "repetition_penalty", None)
         self.repetition_penalty = penalty if penalty not in (None, 1.0) else None
+        unapplied = unapplied_generation_settings(model.generation_config)
+        if unapplied:
+            logger.warning(
+                "The model's generation config sets %s, which this engine does not apply (`generate` would): its "
+                "replies can differ from `model.generate`'s.",
+                ", ".join(unapplied),
+            )
         self.forward_passes = 0  # decode steps run, for tests and benchmarks
         self.rows_decoded = 0  # rows summed over those steps
         self._queue: queue.Queue[_Job] = queue.Queue()

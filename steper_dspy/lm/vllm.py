@@ -36,6 +36,8 @@ from steper_dspy.lm.models import is_adapter_dir, model_fingerprint, resolve_mod
 
 HOST = "127.0.0.1"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_MAX_MODEL_LEN = 8192
+PORT_ATTEMPTS = 3  # starts on a fresh free port when vLLM finds the one it was given taken
 _CONCURRENCY = re.compile(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x")
 # Lines of a failed start that name its cause, most specific first.
 _CAUSES = (
@@ -98,7 +100,7 @@ class VLLMServer:
         name: str | None = None,
         port: int | None = None,
         log_path: str | Path | None = None,
-        max_model_len: int = 8192,
+        max_model_len: int = DEFAULT_MAX_MODEL_LEN,
         dtype: str = "auto",
         max_num_seqs: int = 32,
         startup_timeout: float = 1200.0,
@@ -154,9 +156,23 @@ class VLLMServer:
         """
         if self.process is not None:
             return self
-        self.port = self.port or _free_port()
-        if not _port_is_free(self.port):
-            raise SteperError(f"Cannot start vLLM for {self.model}: port {self.port} is already in use.")
+        chosen_port = self.port is None
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.port = _free_port() if chosen_port else self.port
+            if not _port_is_free(self.port):
+                raise SteperError(f"Cannot start vLLM for {self.model}: port {self.port} is already in use.")
+            try:
+                self._launch()
+                break
+            except SteperError:
+                # Another process can take a free port between our check and vLLM's bind: try another one.
+                if not (chosen_port and attempt < PORT_ATTEMPTS and self._port_was_taken()):
+                    raise
+                self.process, self.stopped = None, False
+        self.max_concurrency = self._logged_concurrency() or self.max_num_seqs
+        return self
+
+    def _launch(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process = _SPAWNER.submit(self._spawn).result()
         with _SERVERS_LOCK:
@@ -167,8 +183,13 @@ class VLLMServer:
         except BaseException:
             self.stop()
             raise
-        self.max_concurrency = self._logged_concurrency() or self.max_num_seqs
-        return self
+
+    def _port_was_taken(self) -> bool:
+        return bool(_CAUSES[0][0].search(_log_tail(self.log_path, start=self._log_start)))
+
+    def serves(self, folder: str, *, dtype: str, max_model_len: int) -> bool:
+        """Whether this running server can take the place of one started for `folder` with these settings."""
+        return self.folder == folder and self.dtype == dtype and self.max_model_len >= max_model_len and self.alive()
 
     def _spawn(self) -> subprocess.Popen:
         with open(self.log_path, "ab") as log:
@@ -352,9 +373,13 @@ def _log_tail(path: Path, size: int = 20_000, *, start: int = 0) -> str:
         return ""
 
 
+# Looked up here, not in the forked child: loading a library there can deadlock on a lock another thread held.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     # PR_SET_PDEATHSIG: the kernel sends SIGTERM to the server when this process dies, even by SIGKILL.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    _PRCTL(1, signal.SIGTERM)
 
 
 def running_servers() -> list[VLLMServer]:
@@ -364,11 +389,14 @@ def running_servers() -> list[VLLMServer]:
 
 
 def shared_server(model: str | Path, **settings: Any) -> VLLMServer:
-    """The running server of this process for `model`, started (with `settings`) if there is none."""
+    """The running server of this process for `model`, started (with `settings`) if none serves it with the same
+    dtype and at least the context length asked for."""
     with _STARTING:
         wanted = _servable_folder(model)
+        dtype = _server_dtype(settings.get("dtype", "auto"))
+        max_model_len = settings.get("max_model_len", DEFAULT_MAX_MODEL_LEN)
         with _SERVERS_LOCK:
-            found = next((s for s in _SERVERS if s.folder == wanted and s.alive()), None)
+            found = next((s for s in _SERVERS if s.serves(wanted, dtype=dtype, max_model_len=max_model_len)), None)
             dead = [s for s in _SERVERS if s.folder == wanted and not s.alive()]
         for server in dead:  # its engine processes may have outlived it: they would hold a second copy of the model
             server.stop()

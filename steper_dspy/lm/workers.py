@@ -24,7 +24,7 @@ import time
 import weakref
 from concurrent.futures import Future
 from itertools import count
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from steper_dspy.lm.errors import SteperLMError
 # Recent prompts remembered per worker, to send a chain's next step where its prefix is cached.
 RECENT_PROMPTS = 64
 MAX_WORKERS = 8
-START_TIMEOUT_S = 600.0
+START_TIMEOUT_S = 600.0  # for every worker to connect
+LOAD_TIMEOUT_S = 1800.0  # for every worker to load the model once connected
 
 
 def usable_cores() -> int:
@@ -149,11 +150,12 @@ class WorkerPool:
         try:
             for connection in self._connections:
                 connection.send(self.engine_state)
-            for connection in self._connections:  # each loads the model, then says it is ready
-                status, message = connection.recv()
+            for status, message in self._load_replies():  # each loads the model, then says it is ready
                 if status != "ready":
                     self.close()
                     raise SteperError(message)
+        except TimeoutError:  # before OSError, of which it is a kind
+            raise self._start_failed(f"did not load the model within {LOAD_TIMEOUT_S:.0f} s") from None
         except (EOFError, OSError):
             raise self._start_failed("exited while loading the model") from None
         for index, connection in enumerate(self._connections):
@@ -162,6 +164,20 @@ class WorkerPool:
                 target=_read, args=(weakref.ref(self), index, connection), daemon=True, name="steper-worker"
             )
             reader.start()
+
+    def _load_replies(self) -> list[tuple[str, Any]]:
+        """Each worker's reply to loading the model; TimeoutError when one has not answered within
+        `LOAD_TIMEOUT_S` (a worker hung in loading would otherwise hold the run forever)."""
+        replies: dict[int, tuple[str, Any]] = {}
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while len(replies) < self.workers:
+            waiting = [c for i, c in enumerate(self._connections) if i not in replies]
+            ready = wait(waiting, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            for connection in ready:
+                replies[self._connections.index(connection)] = connection.recv()
+            if not ready and time.monotonic() > deadline:
+                raise TimeoutError
+        return [replies[i] for i in range(self.workers)]
 
     def _start_failed(self, what: str) -> SteperError:
         codes = ", ".join(f"worker {i}: code {p.poll()}" for i, p in enumerate(self._processes) if p.poll() is not None)
