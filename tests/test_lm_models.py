@@ -238,3 +238,18 @@ def test_real_gguf_materialises_and_loads(monkeypatch):
     monkeypatch.delenv("STEPER_CACHE")
     model, tokenizer = load_model(REAL_GGUF)
     assert model.config.model_type == "llama" and tokenizer.chat_template
+
+
+def test_cpu_info_reads_the_first_processor_and_native_bf16_follows_its_flags(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fpu avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: another\n"
+    )
+    info = models.cpu_info(cpuinfo)
+    assert (info["model name"], info["cpu family"], info["model"]) == ("AMD EPYC", "25", "1")
+    assert models.cpu_info(tmp_path / "missing") == {}
+    monkeypatch.setattr(models, "cpu_info", lambda: info)
+    assert not models.cpu_has_native_bf16()  # Zen 3: AVX2 only
+    info["flags"] += " avx512f avx512_bf16"
+    assert models.cpu_has_native_bf16()

@@ -46,9 +46,9 @@ def require(module: str, package: str) -> ModuleType:
 
 def machine() -> dict[str, Any]:
     """The machine a benchmark ran on: CPU model, usable cores, load average, GPU, library versions."""
-    from steper_dspy.lm.models import cpu_has_native_bf16
+    from steper_dspy.lm.models import cpu_has_native_bf16, cpu_info
 
-    cpuinfo = _first_cpu_info()
+    cpuinfo = cpu_info()
     info: dict[str, Any] = {
         "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
         # AMD family 25 is Zen 3 (model 0-15) or Zen 4, family 26 Zen 5: the same job differs ~2x between them.
@@ -65,20 +65,6 @@ def machine() -> dict[str, Any]:
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return info
-
-
-def _first_cpu_info() -> dict[str, str]:
-    """The first processor's `key: value` lines of /proc/cpuinfo (empty where there is none)."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            info[key.strip()] = value.strip()
-    except OSError:
-        pass
     return info
 
 

@@ -274,13 +274,24 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def cpu_info(path: str | Path = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo (``model name``, ``cpu family``, ``flags``...;
+    empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 matmuls are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpu_info().get("flags", "")))
 
 
 def default_device() -> str:
