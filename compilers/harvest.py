@@ -4,7 +4,7 @@ import hashlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ class HarvestReport:
     path: Path
     chains: int = 0
     kept: int = 0
+    questions: int = 0
+    questions_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     samples_by_stage: dict[str, int] = field(default_factory=dict)
     filtered_steps: dict[str, int] = field(default_factory=dict)
@@ -51,28 +53,42 @@ class HarvestReport:
         new_chains: int = 0,
         lm_failures: int = 0,
         failed_chains: Sequence[tuple[str, int]] = (),
+        example_ids: Collection[str] | None = None,
+        rollouts: int | None = None,
     ) -> "HarvestReport":
-        """The report over every chain in `store`, with the counts of the harvest that just ran.
+        """The report over the chains in `store`, with the counts of the harvest that just ran.
 
         Args:
             store: The harvest file.
             new_chains: Chains this harvest added.
             lm_failures: Chains this harvest could not record because the teacher failed.
             failed_chains: Those chains' ``(example_id, rollout)``, rollout by rollout in trainset order.
+            example_ids: Count only these questions' chains (default every chain), e.g. to compare the yield of
+                two teachers on the same questions.
+            rollouts: Count only each question's first `rollouts` chains (1: the greedy chain alone).
         """
         report = cls(path=store.path, new_chains=new_chains, lm_failures=lm_failures, failed_chains=list(failed_chains))
         dropped: Counter[str] = Counter()
         filtered: Counter[str] = Counter()
         per_stage: Counter[str] = Counter({stage.value: 0 for stage in STAGES})
+        questions: set[str] = set()
+        questions_kept: set[str] = set()
         for record in store.records():
+            if (example_ids is not None and record.example_id not in example_ids) or (
+                rollouts is not None and record.rollout >= rollouts
+            ):
+                continue
             report.chains += 1
+            questions.add(record.example_id)
             if record.kept:
                 report.kept += 1
+                questions_kept.add(record.example_id)
                 per_stage.update(sample["stage"] for sample in record.samples)
                 filtered.update(record.filtered)
             else:
                 dropped[record.reason or "unknown"] += 1
         report.dropped, report.filtered_steps, report.samples_by_stage = dict(dropped), dict(filtered), dict(per_stage)
+        report.questions, report.questions_kept = len(questions), len(questions_kept)
         return report
 
     def summary(self) -> str:
@@ -80,7 +96,8 @@ class HarvestReport:
         stages = ", ".join(f"{stage} {n}" for stage, n in self.samples_by_stage.items())
         dropped = ", ".join(f"{why} {n}" for why, n in sorted(self.dropped.items())) or "none"
         lines = [
-            f"harvest {self.path}: {self.chains} chains ({self.new_chains} new), {self.kept} kept, dropped: {dropped}",
+            f"harvest {self.path}: {self.chains} chains of {self.questions} questions ({self.new_chains} new), "
+            f"{self.kept} kept ({self.questions_kept} questions with a kept chain), dropped: {dropped}",
             f"step samples: {stages}",
         ]
         if self.filtered_steps:

@@ -152,6 +152,21 @@ def test_rollouts_add_chains_per_question(tmp_path):
     assert sorted(r.rollout for r in HarvestStore(tmp_path / "h.jsonl").records()) == [0, 1, 2]
 
 
+def test_the_report_counts_questions_and_can_be_restricted_to_questions_and_first_rollouts(tmp_path):
+    from steper_dspy.compilers.harvest import HarvestReport
+
+    questions = ["Where was Alpha born?", "What is wrong?", "Which country is Alpha's city in?"]
+    report, _ = run_harvest(tmp_path / "h.jsonl", questions, rollouts=2, gold={**ANSWERS, "What is wrong?": "Venus"})
+    assert (report.chains, report.questions, report.kept, report.questions_kept) == (6, 3, 4, 2)
+    assert "6 chains of 3 questions" in report.summary() and "(2 questions with a kept chain)" in report.summary()
+    store = HarvestStore(tmp_path / "h.jsonl")
+    greedy = HarvestReport.from_store(store, rollouts=1)
+    assert (greedy.chains, greedy.kept, greedy.questions_kept) == (3, 2, 2)
+    one = HarvestReport.from_store(store, example_ids={"q0", "q1"})
+    assert (one.chains, one.questions, one.kept, one.questions_kept) == (4, 2, 2, 1)
+    assert one.samples_by_stage["init"] == 2
+
+
 def test_grounded_step_filter():
     check = GroundedStepFilter()
     inputs = {"question": "Where was Alpha born?", "passages": ["Alpha | Alpha was born in Beta."]}
