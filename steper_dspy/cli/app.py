@@ -331,7 +331,9 @@ def main() -> None:
         if done.code == 130:  # typer's exit on Ctrl-C
             from steper_dspy.lm.local import stop_local_generation
 
-            # Before the interpreter joins the threads still waiting on a busy server or worker: they fail now.
+            # Before the interpreter joins the threads still waiting on a busy server or worker: they fail now,
+            # and quietly (one warning per chain in flight would bury the line below).
+            logging.disable(logging.WARNING)
             stop_local_generation()
             console.print("interrupted: what was finished is saved; run the same command again to resume")
         raise
