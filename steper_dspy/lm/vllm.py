@@ -40,8 +40,9 @@ DEFAULT_MAX_MODEL_LEN = 8192
 PORT_ATTEMPTS = 3  # starts on a fresh free port when vLLM finds the one it was given taken
 _CONCURRENCY = re.compile(r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x")
 # Lines of a failed start that name its cause, most specific first.
+_PORT_TAKEN = re.compile(r"address already in use|Errno 98", re.I)
 _CAUSES = (
-    (re.compile(r"address already in use|Errno 98", re.I), "port {port} is already in use"),
+    (_PORT_TAKEN, "port {port} is already in use"),
     (
         re.compile(
             r"out of memory|Cannot allocate memory|MemoryError|insufficient memory|not enough (KV|memory)|"
@@ -185,7 +186,7 @@ class VLLMServer:
             raise
 
     def _port_was_taken(self) -> bool:
-        return bool(_CAUSES[0][0].search(_log_tail(self.log_path, start=self._log_start)))
+        return bool(_PORT_TAKEN.search(_log_tail(self.log_path, start=self._log_start)))
 
     def serves(self, folder: str, *, dtype: str, max_model_len: int) -> bool:
         """Whether this running server can take the place of one started for `folder` with these settings."""
