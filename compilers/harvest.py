@@ -68,13 +68,14 @@ class HarvestReport:
             rollouts: Count only each question's first `rollouts` chains (1: the greedy chain alone).
         """
         report = cls(path=store.path, new_chains=new_chains, lm_failures=lm_failures, failed_chains=list(failed_chains))
+        wanted = None if example_ids is None else set(example_ids)  # a list would be searched once per record
         dropped: Counter[str] = Counter()
         filtered: Counter[str] = Counter()
         per_stage: Counter[str] = Counter({stage.value: 0 for stage in STAGES})
         questions: set[str] = set()
         questions_kept: set[str] = set()
         for record in store.records():
-            if (example_ids is not None and record.example_id not in example_ids) or (
+            if (wanted is not None and record.example_id not in wanted) or (
                 rollouts is not None and record.rollout >= rollouts
             ):
                 continue
