@@ -306,17 +306,6 @@ def test_cpu_servers_get_every_core_and_a_kv_cache(monkeypatch):
     assert server_environment()["VLLM_CPU_KVCACHE_SPACE"] == "3"
 
 
-def test_cpu_servers_use_the_compile_cache_that_later_starts_can_load(monkeypatch):
-    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
-    monkeypatch.setattr(vllm_module, "_has_cuda", lambda: False)
-    assert server_environment()["VLLM_USE_AOT_COMPILE"] == "0"  # vllm-cpu cannot load its AOT artifacts back
-    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
-    assert server_environment()["VLLM_USE_AOT_COMPILE"] == "1"
-    monkeypatch.delenv("VLLM_USE_AOT_COMPILE")
-    monkeypatch.setattr(vllm_module, "_has_cuda", lambda: True)
-    assert "VLLM_USE_AOT_COMPILE" not in server_environment()
-
-
 def test_dspy_threads_default_to_the_servers_capacity(tiny_model_dir, tmp_path):
     lm = local_lm(tiny_model_dir, engine="vllm", server_log=tmp_path / "server.log", cache=False)
     program = IRCoT(ListRetriever(PASSAGES))

@@ -280,8 +280,8 @@ class VLLMServer:
 
 
 def server_environment() -> dict[str, str]:
-    """The server's environment: this one, plus on a CPU machine all of this process's cores, a KV cache sized
-    to the free memory and a compile cache that later starts reuse (each left as set where the user set it)."""
+    """The server's environment: this one, plus on a CPU machine all of this process's cores and a KV cache
+    sized to the free memory (each left as set where the user set it)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if not _has_cuda():
         cores = (
@@ -290,10 +290,6 @@ def server_environment() -> dict[str, str]:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _core_ranges(cores))
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(_kv_cache_gib()))
-        # vllm-cpu 0.32 on torch 2.13 saves its AOT-compiled model but cannot load it back ("'function' object has
-        # no attribute 'finalize_loading'"), so every start compiled again; the inductor cache it falls back to
-        # without AOT is reused by later starts of the same architecture (a trained student too).
-        env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     return env
 
 
