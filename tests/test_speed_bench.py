@@ -226,3 +226,25 @@ def test_generation_benchmark_runs_every_engine_on_the_same_requests(tiny_model_
     )
     assert (tmp_path / "out" / "generation.png").stat().st_size > 0
     assert markdown(results).count("\n") == len(results["rows"]) + 1
+
+
+def test_generation_benchmark_of_the_teacher_alone_needs_no_student(tiny_model_dir, tmp_path, monkeypatch):
+    from steper_dspy.evals.experiment import quickstart
+    from steper_dspy.evals.speed.generation import GenerationBenchmark, run_generation_benchmark
+
+    def unavailable() -> str:
+        raise SteperError("SmolLM2-135M-Instruct is not available offline")
+
+    monkeypatch.setattr(quickstart, "smollm2_student", unavailable)
+    settings = GenerationBenchmark(
+        teacher=str(tiny_model_dir),
+        models=("teacher",),
+        engines=("transformers-sequential",),
+        workloads=("recording",),
+        recording_calls=1,
+        max_tokens=4,
+    )
+    results = run_generation_benchmark(settings, tmp_path / "out")
+    assert [(r["model"], r["engine"]) for r in results["rows"]] == [("teacher", "transformers-sequential")]
+    with pytest.raises(SteperError, match="Unknown models"):
+        run_generation_benchmark(GenerationBenchmark(models=("teachr",)), tmp_path / "bad")

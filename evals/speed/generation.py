@@ -83,7 +83,12 @@ def run_generation_benchmark(settings: GenerationBenchmark, out: Path) -> dict[s
     unknown = set(settings.engines) - set(ENGINES)
     if unknown:
         raise SteperError(f"Unknown engines {sorted(unknown)}: use {', '.join(ENGINES)}.")
-    models = {"teacher": settings.teacher, "student": settings.student or smollm2_student()}
+    unknown_models = set(settings.models) - {"teacher", "student"}
+    if unknown_models:
+        raise SteperError(f"Unknown models {sorted(unknown_models)}: use teacher, student.")
+    # The default student is looked up only when it runs: it may not be on this machine.
+    paths = {"teacher": lambda: settings.teacher, "student": lambda: settings.student or smollm2_student()}
+    models = {role: paths[role]() for role in settings.models}
     models = {
         role: str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
         for role, path in models.items()
