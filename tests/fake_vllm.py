@@ -1,4 +1,5 @@
-"""A stand-in for vLLM's OpenAI server, for tests without vLLM: same command line, `/health`, chat completions.
+"""A stand-in for vLLM's OpenAI server, for tests without vLLM: same command line, `/health`, `/v1/models`,
+chat completions.
 
 Run as ``python -m tests.fake_vllm --model DIR --served-model-name NAME --port P ...`` (the arguments
 `VLLMServer` gives vLLM). It answers chat completions with the scripted teacher of `tests.harvest_driver`
@@ -53,7 +54,12 @@ def main() -> None:
             pass
 
         def do_GET(self):
-            self._send(200, {"status": "ok"} if self.path == "/health" else {"object": "list", "data": []})
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": args.served_model_name, "object": "model"}]})
+            else:
+                self._send(200, {"object": "list", "data": []})
 
         def do_POST(self):
             if self.path == "/reset_prefix_cache":

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -168,6 +169,35 @@ def test_a_free_port_taken_before_vllm_binds_it_is_retried_on_another(tiny_model
         server = _server(tiny_model_dir, tmp_path).start()
     assert server.healthy() and server.port != stolen
     assert "Address already in use" in (tmp_path / "server.log").read_text()  # the first attempt did fail on it
+
+
+def test_another_server_answering_on_a_stolen_port_is_not_taken_for_ours(tiny_model_dir, tmp_path, monkeypatch):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OtherServer(BaseHTTPRequestHandler):  # another run's server: healthy, serving another model
+        def log_message(self, *_):
+            pass
+
+        def do_GET(self):
+            body = b'{"object": "list", "data": [{"id": "another-model"}]}' if "models" in self.path else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    thief = ThreadingHTTPServer(("127.0.0.1", 0), OtherServer)
+    threading.Thread(target=thief.serve_forever, daemon=True).start()
+    stolen = thief.server_address[1]
+    try:
+        ports = iter([stolen])
+        free_port = vllm_module._free_port
+        monkeypatch.setattr(vllm_module, "_free_port", lambda: next(ports, None) or free_port())
+        monkeypatch.setattr(vllm_module, "_port_is_free", lambda port: True)  # it was free when it was checked
+        server = _server(tiny_model_dir, tmp_path).start()
+    finally:
+        thief.shutdown()
+        thief.server_close()
+    assert server.port != stolen and server.healthy()
 
 
 def test_a_server_is_shared_only_with_the_same_dtype_and_enough_context(tiny_model_dir, tmp_path):

@@ -133,6 +133,25 @@ def test_a_worker_that_hangs_while_loading_is_one_clear_error_after_the_load_tim
     assert time.monotonic() - started < 60 and "timed out" in str(err.value)
 
 
+def test_a_worker_that_cannot_load_is_reported_at_once_while_another_still_loads(monkeypatch):
+    fails_or_hangs = (
+        "import os, sys, time; from multiprocessing.connection import Client; "
+        "c = Client((sys.argv[1], int(sys.argv[2])), authkey=bytes.fromhex(os.environ['STEPER_WORKER_AUTHKEY'])); "
+        "c.send(int(sys.argv[3])); c.recv(); "
+        "c.send(('error', 'OSError: no model at /nowhere')) if sys.argv[3] == '0' else time.sleep(600)"
+    )
+    popen = workers.subprocess.Popen
+    monkeypatch.setattr(
+        workers.subprocess,
+        "Popen",
+        lambda command, **kw: popen([sys.executable, "-c", fails_or_hangs, *command[3:]], **kw),
+    )
+    started = time.monotonic()
+    with pytest.raises(SteperError, match="no model at /nowhere"):
+        WorkerPool({"model": "unused"}, workers=2, threads=1)
+    assert time.monotonic() - started < 60  # not after the other worker's LOAD_TIMEOUT_S (30 minutes)
+
+
 def test_a_model_the_workers_cannot_load_is_one_clear_error(tiny_model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

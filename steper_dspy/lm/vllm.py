@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import http.client
 import importlib.util
+import json
 import math
 import os
 import re
@@ -149,7 +150,7 @@ class VLLMServer:
         ]  # fmt: skip
 
     def start(self) -> VLLMServer:
-        """Start the server and wait until it answers `/health`.
+        """Start the server and wait until it serves the model.
 
         Raises:
             SteperError: The server exited or did not answer in time; the message names the cause (port taken,
@@ -161,6 +162,8 @@ class VLLMServer:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             self.port = _free_port() if chosen_port else self.port
             if not _port_is_free(self.port):
+                if chosen_port and attempt < PORT_ATTEMPTS:  # taken since it was chosen: choose another
+                    continue
                 raise SteperError(f"Cannot start vLLM for {self.model}: port {self.port} is already in use.")
             try:
                 self._launch()
@@ -222,12 +225,19 @@ class VLLMServer:
                 bar.update()
 
     def healthy(self) -> bool:
-        """Whether the server answers `/health` now."""
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=2) as response:
-                return response.status == 200
-        except (OSError, ValueError, http.client.HTTPException):  # HTTPException: something else on the port
+        """Whether this server's process runs and its port serves this server's model now.
+
+        Asking for the model, not only `/health`, tells our server from another one that took the port first
+        (another run's vLLM answers `/health` as well; our process then fails to bind and exits).
+        """
+        if self.process is not None and self.process.poll() is not None:
             return False
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.port}/v1/models", timeout=2) as response:
+                models = json.loads(response.read()).get("data") or []
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):  # something else on the port
+            return False
+        return any(isinstance(m, dict) and m.get("id") == self.name for m in models)
 
     def exit_note(self) -> str:
         """How the server ended, for an error message: "was stopped" or "died (exit code N)"."""

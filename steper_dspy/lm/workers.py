@@ -150,10 +150,7 @@ class WorkerPool:
         try:
             for connection in self._connections:
                 connection.send(self.engine_state)
-            for status, message in self._load_replies():  # each loads the model, then says it is ready
-                if status != "ready":
-                    self.close()
-                    raise SteperError(message)
+            self._await_loaded()
         except TimeoutError:  # before OSError, of which it is a kind
             raise self._start_failed(f"did not load the model within {LOAD_TIMEOUT_S:.0f} s") from None
         except (EOFError, OSError):
@@ -165,19 +162,27 @@ class WorkerPool:
             )
             reader.start()
 
-    def _load_replies(self) -> list[tuple[str, Any]]:
-        """Each worker's reply to loading the model; TimeoutError when one has not answered within
-        `LOAD_TIMEOUT_S` (a worker hung in loading would otherwise hold the run forever)."""
-        replies: dict[int, tuple[str, Any]] = {}
+    def _await_loaded(self) -> None:
+        """Wait until every worker has loaded the model and said so.
+
+        Raises:
+            SteperError: A worker could not load the model (its message), as soon as it says so, however long
+                the others still take.
+            TimeoutError: A worker has not answered within `LOAD_TIMEOUT_S` (a worker hung in loading would
+                otherwise hold the run forever).
+        """
+        waiting = list(self._connections)
         deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while len(replies) < self.workers:
-            waiting = [c for i, c in enumerate(self._connections) if i not in replies]
+        while waiting:
             ready = wait(waiting, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             for connection in ready:
-                replies[self._connections.index(connection)] = connection.recv()
+                waiting.remove(connection)
+                status, message = connection.recv()
+                if status != "ready":
+                    self.close()
+                    raise SteperError(message)
             if not ready and time.monotonic() > deadline:
                 raise TimeoutError
-        return [replies[i] for i in range(self.workers)]
 
     def _start_failed(self, what: str) -> SteperError:
         codes = ", ".join(f"worker {i}: code {p.poll()}" for i, p in enumerate(self._processes) if p.poll() is not None)
