@@ -215,14 +215,21 @@ def test_greedy_replies_apply_the_models_repetition_penalty_as_generate_does(tin
         assert list(pool.map(lambda q: _ask(lm, q), QUESTIONS[:4])) == expected
 
 
-def test_generation_settings_the_batcher_does_not_apply_are_named_in_a_warning(tiny_model_dir, caplog):
+def test_generation_settings_the_batcher_does_not_apply_are_named_in_a_warning(tiny_model_dir, caplog, monkeypatch):
     from steper_dspy.lm.batching import ContinuousBatcher
 
     net, tokenizer = local_lm(tiny_model_dir, dtype="float32", cache=False).engine.load()
     with caplog.at_level("WARNING", logger="steper_dspy.lm.batching"):
         ContinuousBatcher(net, tokenizer, set()).close()
     assert caplog.records == []  # the tiny model's config asks for nothing the batcher lacks
-    net.generation_config.no_repeat_ngram_size = 3
+    config = net.generation_config
+    monkeypatch.setattr(config, "min_p", 0.0)  # set explicitly, but to values that change nothing
+    monkeypatch.setattr(config, "typical_p", 1.0)
+    monkeypatch.setattr(config, "min_new_tokens", 0)
+    with caplog.at_level("WARNING", logger="steper_dspy.lm.batching"):
+        ContinuousBatcher(net, tokenizer, set()).close()
+    assert caplog.records == []
+    monkeypatch.setattr(config, "no_repeat_ngram_size", 3)
     with caplog.at_level("WARNING", logger="steper_dspy.lm.batching"):
         ContinuousBatcher(net, tokenizer, set()).close()
     assert "no_repeat_ngram_size" in caplog.text and "differ" in caplog.text

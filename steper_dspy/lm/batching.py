@@ -107,12 +107,18 @@ _UNAPPLIED_SETTINGS = (
 )
 
 
-def unapplied_generation_settings(config: Any) -> list[str]:
-    """The settings of generation config `config` that change `generate`'s replies and that the batcher ignores."""
-    from transformers import GenerationConfig
+_NO_OP_VALUES = {"typical_p": 1.0}  # besides unset and zero: values with which `generate` changes nothing
 
-    default = GenerationConfig()
-    return [name for name in _UNAPPLIED_SETTINGS if getattr(config, name, None) != getattr(default, name, None)]
+
+def unapplied_generation_settings(config: Any) -> list[str]:
+    """The settings of generation config `config` that change `generate`'s replies and that the batcher ignores
+    (a setting left unset, or set to a value that changes nothing such as ``min_p: 0.0``, is not one)."""
+
+    def active(name: str) -> bool:
+        value = getattr(config, name, None)
+        return value not in (None, 0, 0.0, [], (), {}) and value != _NO_OP_VALUES.get(name)
+
+    return [name for name in _UNAPPLIED_SETTINGS if active(name)]
 
 
 class ContinuousBatcher:
