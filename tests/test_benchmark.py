@@ -120,6 +120,28 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
         chosen_systems(["no-such-system"])
 
 
+def test_benchmark_of_the_baselines_alone_neither_harvests_nor_trains(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from steper_dspy.cli.app import app
+
+    def first_questions(config):  # the quickstart's split (its recording covers it), 2 test questions
+        task = load_task(config)
+        task.testsets[0].examples = task.testsets[0].examples[:2]
+        return task
+
+    monkeypatch.setattr(experiment_run, "load_task", first_questions)
+    config = quickstart_config(output=str(tmp_path / "bench"), student=str(tiny_model_dir))
+    config_file = config.save(tmp_path / "config.yaml")
+    result = CliRunner().invoke(app, ["benchmark", "-c", str(config_file), "--systems", "none"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "bench"
+    saved = json.loads((out / "results.json").read_text())["results"]["synthetic (held out)"]
+    assert list(saved) == ["teacher", "untrained student"] and saved["teacher"]["n"] == 2
+    assert not (out / "harvest.jsonl").exists() and not (out / "model").exists()
+    assert "## Harvest" not in (out / "report.md").read_text()
+
+
 def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests():
     from steper_dspy.evals.evaluate import build_report, combine_runs
     from steper_dspy.evals.experiment.report import comparisons

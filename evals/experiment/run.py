@@ -101,7 +101,9 @@ def run_experiment(
 ) -> Results:
     """Harvest once into ``<output>/harvest.jsonl``, compile each system with its teleprompter (the run's own
     STEPER settings when `systems` is None, into ``<output>``; each named system into ``<output>/<name>``),
-    and evaluate the teacher, the untrained student and every compiled program on every test set.
+    and evaluate the teacher, the untrained student and every compiled program on every test set. With
+    ``systems=[]`` nothing is harvested or trained: only the teacher and the untrained student are evaluated
+    (the baselines of a long benchmark, while its harvest is not finished).
 
     A rerun reuses the teacher recording, the harvest and every finished training. Writes ``results.json``,
     ``predictions.jsonl`` (one row per test set, system and question), ``report.md`` and plots.
@@ -115,10 +117,12 @@ def run_experiment(
     student = task.program(config)  # a bad program is reported before the teacher is built
     teacher = teacher_lm(config)
     teacher_prog = teacher_program(config, task, teacher)
-    with timings.track("harvest"):
-        harvest = make_teleprompter(config, runs[0][0], runs[0][1]).harvest(
-            student, trainset=task.trainset, teacher=teacher_prog
-        )
+    harvest = None
+    if runs:
+        with timings.track("harvest"):
+            harvest = make_teleprompter(config, runs[0][0], runs[0][1]).harvest(
+                student, trainset=task.trainset, teacher=teacher_prog
+            )
     if include_teacher:
         evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
     if include_untrained:
@@ -144,7 +148,6 @@ def run_experiment(
             results.setdefault(name, {})[system.name] = combine_runs(reports)
     print_results(results)
     write_predictions(results, out / "predictions.jsonl")
-    main = trained[runs[0][0].name]
     details = {
         "program": config.program,
         "data": config.data,
@@ -152,18 +155,20 @@ def run_experiment(
         "test sets": ", ".join(f"{t.name} ({len(t.examples)} questions)" for t in task.testsets),
         "teacher": config.teacher or f"recording {config.recording}",
         "student": config.student,
-        "compiled program": str(runs[0][1] / "program"),
-        "trained model": str(main.output_dir),
-        "training tokens/s": f"{main.tokens_per_second:.0f}",
     }
+    main = trained[runs[0][0].name] if runs else None
+    if main is not None:
+        details["compiled program"] = str(runs[0][1] / "program")
+        details["trained model"] = str(main.output_dir)
+        details["training tokens/s"] = f"{main.tokens_per_second:.0f}"
     path = write_report(
         out,
         results,
         title=title,
         details=details,
         timings=timings.seconds,
-        harvest_summary=harvest.summary(),
-        training_log=main.log_path,
+        harvest_summary=harvest.summary() if harvest else None,
+        training_log=main.log_path if main else None,
     )
     total = sum(timings.seconds.values())
     console.print(

@@ -294,6 +294,7 @@ def benchmark(
         typer.Option(
             help="Comma-separated student systems: vanilla-kd, stepwise-kd, steper, and the ablations "
             "steper-agg-init, steper-agg-expand (which stages' data), fixed (weighting), steper-grounded (step filter). "
+            "'none' evaluates only the teacher and the untrained student, without harvesting or training. "
             "Example: --systems steper,vanilla-kd"
         ),
     ] = ",".join(MAIN_SYSTEMS),
@@ -310,7 +311,8 @@ def benchmark(
 
     Example: steper benchmark --teacher qwen2.5-coder-1.5b.gguf --data 2wikimultihopqa_train500.jsonl --test-data 2wikimultihopqa_dev164.jsonl --test-data hotpotqa_dev200.jsonl --ablations -o runs/bench
     """
-    chosen = chosen_systems([name.strip() for name in systems.split(",") if name.strip()], ablations=ablations)
+    names = [name.strip() for name in systems.split(",") if name.strip() and name.strip() != "none"]
+    chosen = chosen_systems(names, ablations=ablations)
     run_experiment(
         _config(**locals()), systems=chosen, include_teacher=True, include_untrained=True, title="STEPER benchmark"
     )
