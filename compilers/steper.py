@@ -20,7 +20,7 @@ from steper_dspy.lm.local import program_concurrency
 from steper_dspy.metrics import answer_exact_match
 from steper_dspy.programs.stages import predictor_stages
 from steper_dspy.stages import STAGES
-from steper_dspy.training import TrainingConfig, TrainingResult, train_student
+from steper_dspy.training import TrainingConfig, TrainingResult, train_student, training_identity, validate_samples
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,6 @@ class STEPER(Teleprompter):
 
     def train(self) -> TrainingResult:
         """The second half of ``compile``: train the student on the harvest file's kept samples."""
-        if not self.harvest_path.exists():
-            raise SteperError(f"No harvest at {self.harvest_path}: harvest first (`steper harvest` or compile).")
         self.training_result = self._train()
         return self.training_result
 
@@ -180,15 +178,25 @@ class STEPER(Teleprompter):
             )
         return report
 
+    def training_identity(self) -> dict[str, Any]:
+        """What decides the model ``train`` makes from the harvest file (samples' hash, base model, settings),
+        computed without training: results derived from the trained student can be keyed on it."""
+        return training_identity(validate_samples(self._samples()), self.student_model, self.training)
+
     def _train(self) -> TrainingResult:
+        return train_student(
+            self._samples(), self.student_model, self.output_dir / "model", self.training, progress=self.progress
+        )
+
+    def _samples(self) -> list[dict[str, Any]]:
+        if not self.harvest_path.exists():
+            raise SteperError(f"No harvest at {self.harvest_path}: harvest first (`steper harvest` or compile).")
         store = HarvestStore(self.harvest_path)
         store.check_layout(student_adapter().layout)
-        samples = list(store.samples(drop_filtered=self.step_filter is not None))
+        samples = list(store.samples(drop_filtered=self.step_filter is not None, rollouts=self.rollouts))
         if not samples:
             raise SteperError(f"{self.harvest_path} holds no kept chain: use a stronger teacher or a lower threshold.")
-        return train_student(
-            samples, self.student_model, self.output_dir / "model", self.training, progress=self.progress
-        )
+        return samples
 
     def _compiled_program(self, student: dspy.Module, model_dir: Path) -> dspy.Module:
         program = run_on_student(student.deepcopy(), student_lm(model_dir, **self.lm_kwargs))

@@ -150,10 +150,16 @@ class HarvestStore:
                         seen.add(record.key)
                         yield record
 
-    def samples(self, *, drop_filtered: bool = False) -> Iterator[StepSample]:
-        """The step samples of every kept chain (without the steps a step filter flagged, if asked)."""
+    def samples(self, *, drop_filtered: bool = False, rollouts: int | None = None) -> Iterator[StepSample]:
+        """The step samples of every kept chain (without the steps a step filter flagged, if asked).
+
+        Args:
+            drop_filtered: Leave out the steps a step filter flagged at harvest.
+            rollouts: Only each question's first `rollouts` chains (a file harvested with more rollouts
+                than a run asks for trains that run on the chains it asked for).
+        """
         for record in self.records():
-            if record.kept:
+            if record.kept and (rollouts is None or record.rollout < rollouts):
                 yield from (s for s in record.samples if not (drop_filtered and s.get("filtered")))
 
     def check_layout(self, layout: str) -> None:

@@ -83,6 +83,28 @@ class EvaluationReport:
             ),
         }
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: its rows, time and token counts (the rest is derived from the rows)."""
+        return {
+            "rows": self.rows,
+            "seconds": self.seconds,
+            "completion_tokens": self.completion_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "runs": self.runs,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EvaluationReport":
+        """The report `to_dict` wrote, its figures recomputed from the rows."""
+        report = _report(data["rows"])
+        report.seconds = data["seconds"]
+        report.completion_tokens = data["completion_tokens"]
+        report.prompt_tokens = data["prompt_tokens"]
+        report.cached_prompt_tokens = data["cached_prompt_tokens"]
+        report.runs = data.get("runs", [])
+        return report
+
 
 def evaluate_program(
     program: dspy.Module,

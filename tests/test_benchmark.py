@@ -116,8 +116,60 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     assert len(rows) == 3 * 3 and {r["test_set"] for r in rows} == {"synthetic (held out)"}
     assert "## synthetic (held out)" in (out / "report.md").read_text()
     assert (out / "vanilla-kd" / "seed-0" / "program" / "steper_program.json").is_file()  # saved by STEPER.compile
+    training = json.loads((out / "results.json").read_text())["training"]["Vanilla-KD"]
+    assert [run["seed"] for run in training] == [0, 1] and training[0]["num_samples"]["aggregate"] > 0
+    assert "## Training runs" in (out / "report.md").read_text()
     with pytest.raises(SteperError, match="Unknown system"):
         chosen_systems(["no-such-system"])
+
+    # A rerun reads every recorded evaluation back: nothing is trained or evaluated again, the figures are equal.
+    assert (out / "evaluations" / "fixed" / "seed-1" / "synthetic_held_out_.json.gz").is_file()
+    import shutil
+
+    for folder in ("vanilla-kd", "fixed"):
+        shutil.rmtree(out / folder)  # the trained models are not needed (e.g. a fresh clone with the records)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(experiment_run.STEPER, "compile", no_compile)
+    again = run_experiment(config, systems=["vanilla-kd", "fixed"])
+    for name, report in again["synthetic (held out)"].items():
+        assert report.rows == by_system[name].rows and report.runs == by_system[name].runs
+    assert json.loads((out / "results.json").read_text())["training"]["Vanilla-KD"] == training
+
+    # Another seed is another training run: its evaluation is not recorded yet, so it is trained.
+    config.seeds = [2]
+    with pytest.raises(AssertionError, match="trained again"):
+        run_experiment(config, systems=["vanilla-kd"])
+
+
+def test_an_evaluation_record_is_read_back_only_for_its_own_key(tmp_path):
+    from steper_dspy.evals.evaluate import build_report
+    from steper_dspy.evals.experiment.records import EvaluationRecords, evaluation_key
+    from steper_dspy.evals.experiment.task import TestSet
+
+    examples = [type("E", (), {"id": f"q{i}", "question": f"q{i}?", "answer": "yes", "hops": 2})() for i in range(4)]
+    answers = [type("P", (), {"answer": "yes" if i < 3 else "no", "steps": 2})() for i in range(4)]
+    report = build_report(zip(examples, answers, strict=True))
+    report.seconds, report.prompt_tokens = 12.5, 400
+    config = RunConfig()
+    testset = TestSet("dev: 2wiki", examples, retriever=None)
+    key = evaluation_key({"data_hash": "a"}, config, testset)
+    records = EvaluationRecords(tmp_path)
+    path = records.save("steper/seed-0", testset.name, key, report, {"train_seconds": 3.0})
+    assert path == tmp_path / "steper" / "seed-0" / "dev_2wiki.json.gz"
+    stored = records.load("steper/seed-0", testset.name, key)
+    assert stored.training == {"train_seconds": 3.0}
+    assert stored.report.summary() == report.summary() and stored.report.by_hops == report.by_hops
+    # Other training data, another program setting or other questions: another key, so no record.
+    assert evaluation_key({"data_hash": "b"}, config, testset) != key
+    assert evaluation_key({"data_hash": "a"}, RunConfig(k=2), testset) != key
+    assert evaluation_key({"data_hash": "a"}, config, TestSet("dev: 2wiki", examples[:3], None)) != key
+    assert records.load("steper/seed-0", testset.name, "other") is None
+    assert records.load("steper/seed-1", testset.name, key) is None
+    path.write_bytes(b"not gzip")  # a damaged record is computed again, not trusted
+    assert records.load("steper/seed-0", testset.name, key) is None
 
 
 def test_benchmark_of_the_baselines_alone_neither_harvests_nor_trains(tmp_path, tiny_model_dir, monkeypatch):

@@ -149,7 +149,11 @@ def test_teacher_demos_never_reach_the_samples(tmp_path):
 def test_rollouts_add_chains_per_question(tmp_path):
     report, _ = run_harvest(tmp_path / "h.jsonl", ["Where was Alpha born?"], rollouts=3)
     assert report.chains == 3
-    assert sorted(r.rollout for r in HarvestStore(tmp_path / "h.jsonl").records()) == [0, 1, 2]
+    store = HarvestStore(tmp_path / "h.jsonl")
+    assert sorted(r.rollout for r in store.records()) == [0, 1, 2]
+    greedy = list(store.samples(rollouts=1))  # a run asking for fewer rollouts trains on its own chains only
+    assert greedy and len(list(store.samples())) == 3 * len(greedy)
+    assert len(list(store.samples(rollouts=2))) == 2 * len(greedy)
 
 
 def test_the_report_counts_questions_and_can_be_restricted_to_questions_and_first_rollouts(tmp_path):

@@ -60,6 +60,10 @@ class RunConfig(BaseModel):
         seeds: Training seeds: each trained system is trained and evaluated once per seed (into
             ``<output>/<system>/seed-<n>``) and reported by the mean over seeds, with intervals and paired tests
             over the questions; by default once, with ``training.seed``.
+        evaluations: Folder of the finished evaluations of trained runs (default ``<output>/evaluations``): a
+            rerun reads a run's record instead of training and evaluating it again, as long as the harvest,
+            settings, seed and questions are the same. Commit it to finish a long benchmark over several
+            sessions.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -90,6 +94,7 @@ class RunConfig(BaseModel):
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     training: dict[str, Any] = {}
     seeds: list[int] | None = None
+    evaluations: str | None = None
 
     @field_validator("test_data", mode="before")
     @classmethod

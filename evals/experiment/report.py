@@ -3,6 +3,7 @@
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -155,9 +156,11 @@ def write_report(
     details: dict[str, str],
     timings: dict[str, float],
     harvest_summary: str | None = None,
+    training: dict[str, list[dict[str, Any]]] | None = None,
     training_log: Path | None = None,
 ) -> Path:
-    """Write ``report.md`` (results per test set, per-type breakdown, timings, plots) and ``results.json``."""
+    """Write ``report.md`` (results per test set, per-type breakdown, training runs, timings, plots) and
+    ``results.json``. `training` holds each trained system's runs (seed and `TrainingResult.figures()`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     lines += [f"- **{key}**: {value}" for key, value in details.items()]
@@ -186,6 +189,8 @@ def write_report(
                 )
     if harvest_summary:
         lines += ["", "## Harvest", "", "```", harvest_summary, "```"]
+    if training:
+        lines += ["", "## Training runs", ""] + _training_lines(training)
     if training_log is not None:
         png = plot_training(training_log, out_dir / "training.png")
         if png:
@@ -204,9 +209,36 @@ def write_report(
         for name, by_system in results.items()
     }
     (out_dir / "results.json").write_text(
-        json.dumps({"details": details, "timings": timings, "results": scores, "comparisons": paired}, indent=2)
+        json.dumps(
+            {
+                "details": details,
+                "timings": timings,
+                "results": scores,
+                "comparisons": paired,
+                "training": training or {},
+            },
+            indent=2,
+        )
     )
     return path
+
+
+def _training_lines(training: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Markdown: one row per trained run, with its samples, time, speed, final loss and sigma per stage."""
+    lines = [
+        "| system | seed | samples per stage | train s | tokens/s | final loss | sigma per stage |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for system, runs in training.items():
+        for run in runs:
+            samples = ", ".join(f"{k} {v}" for k, v in run.get("num_samples", {}).items())
+            sigmas = ", ".join(f"{k} {v:.2f}" for k, v in run.get("sigmas", {}).items())
+            loss = "-" if run.get("final_loss") is None else f"{run['final_loss']:.3f}"
+            lines.append(
+                f"| {system} | {run['seed']} | {samples} | {_fmt(run.get('train_seconds'))} | "
+                f"{_fmt(run.get('tokens_per_second'))} | {loss} | {sigmas} |"
+            )
+    return lines
 
 
 def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:

@@ -14,10 +14,11 @@ from typing import Any
 import dspy
 
 from steper_dspy.adapter import student_adapter
-from steper_dspy.compilers import HarvestReport, run_on_student
+from steper_dspy.compilers import STEPER, HarvestReport, run_on_student
 from steper_dspy.evals.evaluate import EvaluationReport, combine_runs, evaluate_program
 from steper_dspy.evals.experiment.config import RunConfig
 from steper_dspy.evals.experiment.lms import run_student_lm, teacher_lm, teacher_program
+from steper_dspy.evals.experiment.records import EvaluationRecords, evaluation_key
 from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
 from steper_dspy.evals.experiment.systems import SYSTEMS, configured_system, make_teleprompter
 from steper_dspy.evals.experiment.task import Task, TestSet, load_task
@@ -131,21 +132,33 @@ def run_experiment(
         if isinstance(untrained.engine, TransformersEngine):
             untrained.engine.close()  # frees the model and its worker processes before training
     trained: dict[str, TrainingResult] = {}
+    training: dict[str, list[dict[str, Any]]] = {}
+    records = EvaluationRecords(config.evaluations or out / "evaluations")
     seeds = config.seeds or [config.training_config().seed]
-    for system, folder in runs:
-        per_seed: dict[str, list[EvaluationReport]] = {testset.name: [] for testset in task.testsets}
-        for seed in seeds:
+    per_seed: dict[str, dict[str, list[EvaluationReport]]] = {system.name: {} for system, _ in runs}
+    for seed in seeds:  # seed by seed, so that a stopped benchmark has compared every system on the first seeds
+        for system, folder in runs:
             seeded = config if len(seeds) == 1 else config.replace(training={**config.training, "seed": seed})
             run_folder = folder if len(seeds) == 1 else folder / f"seed-{seed}"
             teleprompter = make_teleprompter(seeded, system, run_folder)
-            with timings.track(f"train {system.name}"):
-                compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher_prog)
-            trained.setdefault(system.name, teleprompter.training_result)
-            with timings.track(f"eval {system.name}"):
-                for testset in task.testsets:
-                    per_seed[testset.name].append(evaluate_compiled(config, compiled, testset))
-        for name, reports in per_seed.items():
-            results.setdefault(name, {})[system.name] = combine_runs(reports)
+            reports, summary = train_and_evaluate(
+                config,
+                task,
+                teleprompter,
+                teacher_prog,
+                records,
+                run_folder.relative_to(out).as_posix(),
+                system.name,
+                timings,
+            )
+            if teleprompter.training_result is not None:
+                trained.setdefault(system.name, teleprompter.training_result)
+            training.setdefault(system.name, []).append({"seed": seed, **summary})
+            for name, report in reports.items():
+                per_seed[system.name].setdefault(name, []).append(report)
+    for system_name, by_testset in per_seed.items():
+        for name, reports in by_testset.items():
+            results.setdefault(name, {})[system_name] = combine_runs(reports)
     print_results(results)
     write_predictions(results, out / "predictions.jsonl")
     details = {
@@ -156,7 +169,7 @@ def run_experiment(
         "teacher": config.teacher or f"recording {config.recording}",
         "student": config.student,
     }
-    main = trained[runs[0][0].name] if runs else None
+    main = trained.get(runs[0][0].name) if runs else None
     if main is not None:
         details["compiled program"] = str(runs[0][1] / "program")
         details["trained model"] = str(main.output_dir)
@@ -168,6 +181,7 @@ def run_experiment(
         details=details,
         timings=timings.seconds,
         harvest_summary=harvest.summary() if harvest else None,
+        training=training,
         training_log=main.log_path if main else None,
     )
     total = sum(timings.seconds.values())
@@ -176,6 +190,42 @@ def run_experiment(
         + ", ".join(f"{k} {v:.0f}s" for k, v in timings.seconds.items())
     )
     return results
+
+
+def train_and_evaluate(
+    config: RunConfig,
+    task: Task,
+    teleprompter: STEPER,
+    teacher: dspy.Module,
+    records: EvaluationRecords,
+    run: str,
+    system: str,
+    timings: Timings,
+) -> tuple[dict[str, EvaluationReport], dict[str, Any]]:
+    """One trained run of the system named `system` (`run`: its folder under the output): its report on every
+    test set and its training figures.
+
+    Evaluations recorded for the same training identity and questions are read back; the student is trained
+    (or its finished training reused) and evaluated only on the test sets without a record, and each new
+    evaluation is recorded as soon as it finishes.
+    """
+    identity = teleprompter.training_identity()
+    keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
+    stored = {testset.name: records.load(run, testset.name, keys[testset.name]) for testset in task.testsets}
+    reports = {name: found.report for name, found in stored.items() if found is not None}
+    summary = next((found.training for found in stored.values() if found is not None), {})
+    missing = [testset for testset in task.testsets if testset.name not in reports]
+    if reports:
+        console.print(f"{run}: reusing the recorded evaluation on {', '.join(reports)}")
+    if missing:
+        with timings.track(f"train {system}"):
+            compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher)
+        summary = teleprompter.training_result.figures()
+        with timings.track(f"eval {system}"):
+            for testset in missing:
+                reports[testset.name] = evaluate_compiled(config, compiled, testset)
+                records.save(run, testset.name, keys[testset.name], reports[testset.name], summary)
+    return {testset.name: reports[testset.name] for testset in task.testsets}, summary
 
 
 def evaluate_system(

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
         data_hash,
         validate_samples,
     )
-    from steper_dspy.training.train import TrainingResult, train_student
+    from steper_dspy.training.train import TrainingResult, train_student, training_identity
     from steper_dspy.training.trainer import StageTrainer
     from steper_dspy.training.weighting import StageWeighting
 
@@ -28,6 +28,7 @@ _EXPORTS = {
     "data_hash": "steper_dspy.training.data",
     "validate_samples": "steper_dspy.training.data",
     "TrainingResult": "steper_dspy.training.train",
+    "training_identity": "steper_dspy.training.train",
     "train_student": "steper_dspy.training.train",
     "StageTrainer": "steper_dspy.training.trainer",
     "StageWeighting": "steper_dspy.training.weighting",
@@ -43,6 +44,7 @@ __all__ = [
     "build_training_data",
     "data_hash",
     "train_student",
+    "training_identity",
     "validate_samples",
 ]
 

@@ -62,6 +62,13 @@ class TrainingResult:
     train_seconds: float
     tokens_per_second: float
 
+    def figures(self) -> dict[str, Any]:
+        """The run's figures as JSON-ready data: every attribute but the two paths."""
+        fields = asdict(self)
+        fields.pop("output_dir")
+        fields.pop("log_path")
+        return fields
+
 
 def train_student(
     samples: Iterable[dict[str, Any]],
@@ -96,7 +103,7 @@ def train_student(
     config = config or TrainingConfig()
     output_dir = Path(output_dir).expanduser()
     samples = validate_samples(samples)
-    run = _run_identity(samples, base_model, config)
+    run = training_identity(samples, base_model, config)
     if resume and (done := _finished_result(output_dir, run)) is not None:
         logger.info("%s already holds this training run; not retraining.", output_dir)
         return done
@@ -144,13 +151,23 @@ def train_student(
     result = _result(output_dir, trainer, data, seconds, trainer.tokens_seen)
     if trainer.is_world_process_zero():
         _save_model(trainer, output_dir, config, base_model, reload_base=bf16_base)
-        record = {**run, **_counts(data), **_result_fields(result), "global_step": trainer.state.global_step}
+        record = {**run, **_counts(data), **result.figures(), "global_step": trainer.state.global_step}
         _write_json(output_dir / RESULT_FILE, record)
     args.distributed_state.wait_for_everyone()
     return result
 
 
-def _run_identity(samples: list[dict[str, Any]], base_model: str | Path, config: TrainingConfig) -> dict[str, Any]:
+def training_identity(samples: list[dict[str, Any]], base_model: str | Path, config: TrainingConfig) -> dict[str, Any]:
+    """What decides a training run's model: the samples' hash, the base model's fingerprint and the settings.
+
+    `train_student` reuses a finished output whose identity matches; a caller can also key results derived
+    from the trained model (e.g. its evaluations) on it without training.
+
+    Args:
+        samples: The validated samples (see `validate_samples`).
+        base_model: The student's base model.
+        config: The training settings.
+    """
     from steper_dspy.lm.models import model_fingerprint
 
     try:
@@ -417,13 +434,6 @@ def _counts(data: TrainingData) -> dict[str, Any]:
         "num_target_tokens": data.num_target_tokens,
         "duplicates": data.duplicates,
     }
-
-
-def _result_fields(result: TrainingResult) -> dict[str, Any]:
-    fields = asdict(result)
-    fields.pop("output_dir")
-    fields.pop("log_path")
-    return fields
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
