@@ -138,6 +138,19 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
         assert report.rows == by_system[name].rows and report.runs == by_system[name].runs
     assert json.loads((out / "results.json").read_text())["training"]["Vanilla-KD"] == training
 
+    # One of the seeds alone, from the command line: its own seed's runs, read back as well.
+    from typer.testing import CliRunner
+
+    from steper_dspy.cli.app import app
+
+    config_file = config.save(tmp_path / "config.yaml")
+    result = CliRunner().invoke(app, ["benchmark", "-c", str(config_file), "--systems", "fixed", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    assert [run["seed"] for run in saved["training"]["step-wise KD (fixed 1:1:1 per stage)"]] == [1]
+    fixed_seed_1 = saved["results"]["synthetic (held out)"]["step-wise KD (fixed 1:1:1 per stage)"]
+    assert fixed_seed_1["accuracy"] == by_system["step-wise KD (fixed 1:1:1 per stage)"].runs[1]["accuracy"]
+
     # Another seed is another training run: its evaluation is not recorded yet, so it is trained.
     config.seeds = [2]
     with pytest.raises(AssertionError, match="trained again"):

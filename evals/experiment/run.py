@@ -138,8 +138,8 @@ def run_experiment(
     per_seed: dict[str, dict[str, list[EvaluationReport]]] = {system.name: {} for system, _ in runs}
     for seed in seeds:  # seed by seed, so that a stopped benchmark has compared every system on the first seeds
         for system, folder in runs:
-            seeded = config if len(seeds) == 1 else config.replace(training={**config.training, "seed": seed})
-            run_folder = folder if len(seeds) == 1 else folder / f"seed-{seed}"
+            seeded = config if config.seeds is None else config.replace(training={**config.training, "seed": seed})
+            run_folder = folder if config.seeds is None else folder / f"seed-{seed}"
             teleprompter = make_teleprompter(seeded, system, run_folder)
             reports, summary = train_and_evaluate(
                 config,

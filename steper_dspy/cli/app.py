@@ -102,6 +102,14 @@ ThresholdOpt = Annotated[
 RolloutsOpt = Annotated[
     int | None, typer.Option(help="Teacher chains per question (extra ones sampled). Example: --rollouts 3")
 ]
+SeedsOpt = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--seed",
+        help="Train and evaluate each system once per seed (repeat for several; default: the config's seeds). "
+        "Example: --seed 0 --seed 1",
+    ),
+]
 StepFilterOpt = Annotated[
     bool | None, typer.Option("--step-filter/--no-step-filter", help="Drop ungrounded steps of kept chains.")
 ]
@@ -287,6 +295,7 @@ def benchmark(
     lr: LrOpt = None,
     metric: MetricOpt = None,
     rollouts: RolloutsOpt = None,
+    seeds: SeedsOpt = None,
     threads: ThreadsOpt = None,
     engine: EngineOpt = None,
     systems: Annotated[
