@@ -150,6 +150,18 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     assert [run["seed"] for run in saved["training"]["step-wise KD (fixed 1:1:1 per stage)"]] == [1]
     fixed_seed_1 = saved["results"]["synthetic (held out)"]["step-wise KD (fixed 1:1:1 per stage)"]
     assert fixed_seed_1["accuracy"] == by_system["step-wise KD (fixed 1:1:1 per stage)"].runs[1]["accuracy"]
+    # The untrained student's evaluation is recorded too: a rerun does not even load the base model.
+    assert (out / "evaluations" / "untrained" / "synthetic_held_out_.json.gz").is_file()
+    monkeypatch.setattr(experiment_run, "run_student_lm", no_compile)
+    result = CliRunner().invoke(app, ["benchmark", "-c", str(config_file), "--systems", "fixed", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+
+    def scores(results):
+        return {
+            system: (r["accuracy"], r["em"], r["f1"], r["n"]) for system, r in results["synthetic (held out)"].items()
+        }
+
+    assert scores(json.loads((out / "results.json").read_text())["results"]) == scores(saved["results"])
 
     # Another seed is another training run: its evaluation is not recorded yet, so it is trained.
     config.seeds = [2]

@@ -18,14 +18,16 @@ from steper_dspy.compilers import STEPER, HarvestReport, run_on_student
 from steper_dspy.evals.evaluate import EvaluationReport, combine_runs, evaluate_program
 from steper_dspy.evals.experiment.config import RunConfig
 from steper_dspy.evals.experiment.lms import run_student_lm, teacher_lm, teacher_program
-from steper_dspy.evals.experiment.records import EvaluationRecords, evaluation_key
+from steper_dspy.evals.experiment.records import EvaluationRecords, StoredEvaluation, evaluation_key
 from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
 from steper_dspy.evals.experiment.systems import SYSTEMS, configured_system, make_teleprompter
 from steper_dspy.evals.experiment.task import Task, TestSet, load_task
 from steper_dspy.lm.engine import TransformersEngine
+from steper_dspy.lm.models import model_fingerprint
 from steper_dspy.training import TrainingResult
 
 CONFIG_FILE = "config.yaml"
+UNTRAINED, UNTRAINED_NAME = "untrained", "untrained student"  # its records' folder, its name in reports
 
 
 @dataclass
@@ -126,14 +128,11 @@ def run_experiment(
             )
     if include_teacher:
         evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
+    records = EvaluationRecords(config.evaluations or out / "evaluations")
     if include_untrained:
-        untrained = run_student_lm(config, config.student)
-        evaluate_system(results, timings, "untrained student", config, task, untrained, student=True, instructions=True)
-        if isinstance(untrained.engine, TransformersEngine):
-            untrained.engine.close()  # frees the model and its worker processes before training
+        evaluate_untrained(results, timings, config, task, records)
     trained: dict[str, TrainingResult] = {}
     training: dict[str, list[dict[str, Any]]] = {}
-    records = EvaluationRecords(config.evaluations or out / "evaluations")
     seeds = config.seeds or [config.training_config().seed]
     per_seed: dict[str, dict[str, list[EvaluationReport]]] = {system.name: {} for system, _ in runs}
     for seed in seeds:  # seed by seed, so that a stopped benchmark has compared every system on the first seeds
@@ -209,14 +208,10 @@ def train_and_evaluate(
     (or its finished training reused) and evaluated only on the test sets without a record, and each new
     evaluation is recorded as soon as it finishes.
     """
-    identity = teleprompter.training_identity()
-    keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
-    stored = {testset.name: records.load(run, testset.name, keys[testset.name]) for testset in task.testsets}
-    reports = {name: found.report for name, found in stored.items() if found is not None}
-    summary = next((found.training for found in stored.values() if found is not None), {})
+    keys, stored = recorded_evaluations(records, run, teleprompter.training_identity(), config, task)
+    reports = {name: found.report for name, found in stored.items()}
+    summary = next((found.training for found in stored.values()), {})
     missing = [testset for testset in task.testsets if testset.name not in reports]
-    if reports:
-        console.print(f"{run}: reusing the recorded evaluation on {', '.join(reports)}")
     if missing:
         with timings.track(f"train {system}"):
             compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher)
@@ -226,6 +221,37 @@ def train_and_evaluate(
                 reports[testset.name] = evaluate_compiled(config, compiled, testset)
                 records.save(run, testset.name, keys[testset.name], reports[testset.name], summary)
     return {testset.name: reports[testset.name] for testset in task.testsets}, summary
+
+
+def evaluate_untrained(
+    results: Results, timings: Timings, config: RunConfig, task: Task, records: EvaluationRecords
+) -> None:
+    """Evaluate the untrained student (the base model with the steps' instructions) on every test set, or read
+    its recorded evaluations back (keyed by the base model's fingerprint, the program and the questions)."""
+    keys, stored = recorded_evaluations(
+        records, UNTRAINED, {"untrained": model_fingerprint(config.student)}, config, task
+    )
+    if len(stored) < len(task.testsets):
+        untrained = run_student_lm(config, config.student)
+        evaluate_system(results, timings, UNTRAINED_NAME, config, task, untrained, student=True, instructions=True)
+        if isinstance(untrained.engine, TransformersEngine):
+            untrained.engine.close()  # frees the model and its worker processes before training
+        for testset in task.testsets:
+            records.save(UNTRAINED, testset.name, keys[testset.name], results[testset.name][UNTRAINED_NAME], {})
+    else:
+        for testset in task.testsets:
+            results.setdefault(testset.name, {})[UNTRAINED_NAME] = stored[testset.name].report
+
+
+def recorded_evaluations(
+    records: EvaluationRecords, run: str, identity: dict[str, Any], config: RunConfig, task: Task
+) -> tuple[dict[str, str], dict[str, StoredEvaluation]]:
+    """The record keys of `run` (whose model `identity` describes) per test set, and the records found for them."""
+    keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
+    stored = {name: found for name, key in keys.items() if (found := records.load(run, name, key)) is not None}
+    if stored:
+        console.print(f"{run}: reusing the recorded evaluation on {', '.join(stored)}")
+    return keys, stored
 
 
 def evaluate_system(
