@@ -71,6 +71,24 @@ def test_local_lm_on_the_vllm_engine_calls_the_server(tiny_model_dir, tmp_path):
     assert again.kwargs["api_base"] == lm.kwargs["api_base"]  # one server per model and process
 
 
+def test_releasing_an_lm_stops_its_server_and_a_recording_releases_its_live_lm(tiny_model_dir, tmp_path):
+    from steper_dspy.lm import recorded_lm, release_lm
+    from steper_dspy.lm.errors import ServerDiedError
+
+    lm = local_lm(tiny_model_dir, engine="vllm", server_log=tmp_path / "server.log", cache=False)
+    recording = recorded_lm(tmp_path / "teacher.jsonl", lm)
+    (server,) = running_servers()
+    release_lm(recording)
+    assert not server.alive() and running_servers() == []
+    with pytest.raises(ServerDiedError):
+        lm("a call after the release")
+    fresh = local_lm(tiny_model_dir, engine="vllm", server_log=tmp_path / "server.log", cache=False)
+    assert len(running_servers()) == 1  # a new LM starts a new server
+    release_lm(fresh)
+    assert running_servers() == []
+    release_lm(dspy.LM("openai/gpt-4o-mini", api_key="unused"))  # an API model: nothing to release, no error
+
+
 def test_calls_to_a_managed_server_wait_for_a_slow_reply_longer_than_dspy_s_default(
     tiny_model_dir, tmp_path, monkeypatch
 ):

@@ -22,7 +22,7 @@ from steper_dspy.evals.experiment.records import EvaluationRecords, StoredEvalua
 from steper_dspy.evals.experiment.report import Results, console, print_results, write_report
 from steper_dspy.evals.experiment.systems import SYSTEMS, configured_system, make_teleprompter
 from steper_dspy.evals.experiment.task import Task, TestSet, load_task
-from steper_dspy.lm.engine import TransformersEngine
+from steper_dspy.lm.local import release_lm
 from steper_dspy.lm.models import model_fingerprint
 from steper_dspy.training import TrainingResult
 
@@ -128,6 +128,8 @@ def run_experiment(
             )
     if include_teacher:
         evaluate_system(results, timings, "teacher", config, task, teacher, student=False)
+    if not (harvest and harvest.lm_failures):  # no chain left to harvest: nothing below calls the teacher
+        release_lm(teacher)
     records = EvaluationRecords(config.evaluations or out / "evaluations")
     if include_untrained:
         evaluate_untrained(results, timings, config, task, records)
@@ -220,6 +222,7 @@ def train_and_evaluate(
             for testset in missing:
                 reports[testset.name] = evaluate_compiled(config, compiled, testset)
                 records.save(run, testset.name, keys[testset.name], reports[testset.name], summary)
+        release_lm(compiled.predictors()[0].lm)
     return {testset.name: reports[testset.name] for testset in task.testsets}, summary
 
 
@@ -234,8 +237,7 @@ def evaluate_untrained(
     if len(stored) < len(task.testsets):
         untrained = run_student_lm(config, config.student)
         evaluate_system(results, timings, UNTRAINED_NAME, config, task, untrained, student=True, instructions=True)
-        if isinstance(untrained.engine, TransformersEngine):
-            untrained.engine.close()  # frees the model and its worker processes before training
+        release_lm(untrained)  # frees its memory before training
         for testset in task.testsets:
             records.save(UNTRAINED, testset.name, keys[testset.name], results[testset.name][UNTRAINED_NAME], {})
     else:

@@ -20,6 +20,7 @@ _EXPORTS = {
     "local_lm": "steper_dspy.lm.local",
     "max_concurrency": "steper_dspy.lm.local",
     "program_concurrency": "steper_dspy.lm.local",
+    "release_lm": "steper_dspy.lm.local",
     "VLLMServer": "steper_dspy.lm.vllm",
     "RecordedLM": "steper_dspy.lm.recording",
     "RecordingEngine": "steper_dspy.lm.recording",

@@ -187,6 +187,27 @@ def _check_server(api_base: str | None) -> None:
         raise ServerDiedError(server.failure(server.exit_note()))
 
 
+def release_lm(lm: dspy.BaseLM) -> None:
+    """Stop the local generation behind `lm` once it is no longer needed: its managed vLLM server, or its
+    in-process workers (for a recording, those of the live LM it records). A later call to `lm` fails with
+    `ServerDiedError` on a server (build a new LM instead); an API model has nothing to release.
+
+    A long run frees each model's memory this way before the next one starts: a CPU server sizes its KV cache
+    to the memory that is free when it starts.
+    """
+    engine = getattr(lm, "engine", None)
+    if isinstance(getattr(engine, "lm", None), dspy.BaseLM):
+        release_lm(engine.lm)
+    elif hasattr(engine, "close"):
+        engine.close()
+    else:
+        from steper_dspy.lm.vllm import server_at
+
+        server = server_at(getattr(lm, "kwargs", {}).get("api_base"))
+        if server is not None:
+            server.stop()
+
+
 def stop_local_generation() -> None:
     """Stop the vLLM servers and generation workers this process started (on Ctrl-C: the calls that wait on
     them fail at once instead of the process waiting, at exit, for a busy server to answer them)."""
