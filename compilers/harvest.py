@@ -232,6 +232,7 @@ def harvest(
         failed_chains = [(example_id(jobs[i][0]), jobs[i][1]) for i in sorted(failed)]
         report = HarvestReport.from_store(
             store,
+            rollouts=rollouts,  # chains of further rollouts in the file are not this run's (nor trained on)
             new_chains=len(jobs) - counts["lm_failures"],
             lm_failures=counts["lm_failures"],
             failed_chains=failed_chains,

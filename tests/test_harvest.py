@@ -154,6 +154,8 @@ def test_rollouts_add_chains_per_question(tmp_path):
     greedy = list(store.samples(rollouts=1))  # a run asking for fewer rollouts trains on its own chains only
     assert greedy and len(list(store.samples())) == 3 * len(greedy)
     assert len(list(store.samples(rollouts=2))) == 2 * len(greedy)
+    report, _ = run_harvest(tmp_path / "h.jsonl", ["Where was Alpha born?"], rollouts=1)
+    assert (report.chains, report.new_chains, report.kept) == (1, 0, 1)  # the run's own chains, as it trains
 
 
 def test_the_report_counts_questions_and_can_be_restricted_to_questions_and_first_rollouts(tmp_path):
