@@ -116,6 +116,9 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     assert len(rows) == 3 * 3 and {r["test_set"] for r in rows} == {"synthetic (held out)"}
     assert "## synthetic (held out)" in (out / "report.md").read_text()
     assert (out / "vanilla-kd" / "seed-0" / "program" / "steper_program.json").is_file()  # saved by STEPER.compile
+    details = json.loads((out / "results.json").read_text())["details"]
+    assert details["compiled program"] == str(out / "vanilla-kd" / "seed-0" / "program")  # no STEPER: the first
+    assert (out / "training.png").is_file()
     training = json.loads((out / "results.json").read_text())["training"]["Vanilla-KD"]
     assert [run["seed"] for run in training] == [0, 1] and training[0]["num_samples"]["aggregate"] > 0
     assert "## Training runs" in (out / "report.md").read_text()

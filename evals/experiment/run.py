@@ -25,6 +25,7 @@ from steper_dspy.evals.experiment.task import Task, TestSet, load_task
 from steper_dspy.lm.local import release_lm
 from steper_dspy.lm.models import model_fingerprint
 from steper_dspy.training import TrainingResult
+from steper_dspy.training.train import LOG_FILE
 
 CONFIG_FILE = "config.yaml"
 UNTRAINED, UNTRAINED_NAME = "untrained", "untrained student"  # its records' folder, its name in reports
@@ -133,8 +134,10 @@ def run_experiment(
     records = EvaluationRecords(config.evaluations or out / "evaluations")
     if include_untrained:
         evaluate_untrained(results, timings, config, task, records)
-    trained: dict[str, TrainingResult] = {}
     training: dict[str, list[dict[str, Any]]] = {}
+    # The run whose model, program and training curves the report names: STEPER's first seed when it ran.
+    main_system = next((s for s, _ in runs if s is SYSTEMS["steper"]), runs[0][0] if runs else None)
+    main_folder: Path | None = None
     seeds = config.seeds or [config.training_config().seed]
     per_seed: dict[str, dict[str, list[EvaluationReport]]] = {system.name: {} for system, _ in runs}
     for seed in seeds:  # seed by seed, so that a stopped benchmark has compared every system on the first seeds
@@ -152,8 +155,8 @@ def run_experiment(
                 system.name,
                 timings,
             )
-            if teleprompter.training_result is not None:
-                trained.setdefault(system.name, teleprompter.training_result)
+            if system is main_system and main_folder is None:
+                main_folder = run_folder
             training.setdefault(system.name, []).append({"seed": seed, **summary})
             for name, report in reports.items():
                 per_seed[system.name].setdefault(name, []).append(report)
@@ -170,11 +173,14 @@ def run_experiment(
         "teacher": config.teacher or f"recording {config.recording}",
         "student": config.student,
     }
-    main = trained.get(runs[0][0].name) if runs else None
-    if main is not None:
-        details["compiled program"] = str(runs[0][1] / "program")
-        details["trained model"] = str(main.output_dir)
-        details["training tokens/s"] = f"{main.tokens_per_second:.0f}"
+    training_log = None
+    if main_folder is not None:
+        details["compiled program"] = str(main_folder / "program")
+        details["trained model"] = str(main_folder / "model")
+        if speed := training[main_system.name][0].get("tokens_per_second"):
+            details["training tokens/s"] = f"{speed:.0f}"
+        if (main_folder / "model" / LOG_FILE).is_file():  # absent when every evaluation was read from records
+            training_log = main_folder / "model" / LOG_FILE
     path = write_report(
         out,
         results,
@@ -183,7 +189,7 @@ def run_experiment(
         timings=timings.seconds,
         harvest_summary=harvest.summary() if harvest else None,
         training=training,
-        training_log=main.log_path if main else None,
+        training_log=training_log,
     )
     total = sum(timings.seconds.values())
     console.print(
