@@ -139,7 +139,13 @@ class HarvestStore:
 
     def records(self) -> Iterator[ChainRecord]:
         """All chains in the file, in the order they were written (read from the file as they are used)."""
+        for _, record in self._records_at():
+            yield record
+
+    def _records_at(self) -> Iterator[tuple[int, ChainRecord]]:
+        """Each chain in the file with the byte offset of its line."""
         seen: set[tuple[str, int]] = set()
+        offset = 0
         with open(self.path, "rb") if self.path.exists() else contextlib.nullcontext([]) as lines:
             for raw in lines:
                 if not raw.endswith(b"\n"):
@@ -148,18 +154,32 @@ class HarvestStore:
                     record = _parse_record(raw)
                     if record.key not in seen:
                         seen.add(record.key)
-                        yield record
+                        yield offset, record
+                offset += len(raw)
 
     def samples(self, *, drop_filtered: bool = False, rollouts: int | None = None) -> Iterator[StepSample]:
-        """The step samples of every kept chain (without the steps a step filter flagged, if asked).
+        """The step samples of every kept chain (without the steps a step filter flagged, if asked), chain by
+        chain in the order of (question id, rollout): a harvest writes chains as they finish, so two harvests
+        of the same chains (a replay on another machine) give the same samples in the same order, and train
+        the same model.
 
         Args:
             drop_filtered: Leave out the steps a step filter flagged at harvest.
             rollouts: Only each question's first `rollouts` chains (a file harvested with more rollouts
                 than a run asks for trains that run on the chains it asked for).
         """
-        for record in self.records():
-            if record.kept and (rollouts is None or record.rollout < rollouts):
+        # Sorted by key and offset only, then read back line by line: the samples are never all in memory.
+        wanted = sorted(
+            (record.key, offset)
+            for offset, record in self._records_at()
+            if record.kept and (rollouts is None or record.rollout < rollouts)
+        )
+        if not wanted:
+            return
+        with open(self.path, "rb") as f:
+            for _, offset in wanted:
+                f.seek(offset)
+                record = _parse_record(f.readline())
                 yield from (s for s in record.samples if not (drop_filtered and s.get("filtered")))
 
     def check_layout(self, layout: str) -> None:

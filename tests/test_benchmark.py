@@ -1,5 +1,6 @@
 """The benchmark runner: several test sets, the paper's systems and ablations, one harvest shared by all."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -172,12 +173,15 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
         run_experiment(config, systems=["vanilla-kd"])
 
 
-def test_an_evaluation_record_is_read_back_only_for_its_own_key(tmp_path):
+def test_an_evaluation_record_is_read_back_only_for_its_own_key(tmp_path, monkeypatch):
+    import dspy
+
     from steper_dspy.evals.evaluate import build_report
     from steper_dspy.evals.experiment.records import EvaluationRecords, evaluation_key
     from steper_dspy.evals.experiment.task import TestSet
+    from steper_dspy.lm import vllm as vllm_module
 
-    examples = [type("E", (), {"id": f"q{i}", "question": f"q{i}?", "answer": "yes", "hops": 2})() for i in range(4)]
+    examples = [dspy.Example(id=f"q{i}", question=f"q{i}?", answer="yes", hops=2) for i in range(4)]
     answers = [type("P", (), {"answer": "yes" if i < 3 else "no", "steps": 2})() for i in range(4)]
     report = build_report(zip(examples, answers, strict=True))
     report.seconds, report.prompt_tokens = 12.5, 400
@@ -194,9 +198,19 @@ def test_an_evaluation_record_is_read_back_only_for_its_own_key(tmp_path):
     assert evaluation_key({"data_hash": "b"}, config, testset) != key
     assert evaluation_key({"data_hash": "a"}, RunConfig(k=2), testset) != key
     assert evaluation_key({"data_hash": "a"}, config, TestSet("dev: 2wiki", examples[:3], None)) != key
+    corrected = [examples[0].copy(answer="no"), *examples[1:]]  # a gold answer fixed in the test file
+    assert evaluation_key({"data_hash": "a"}, config, TestSet("dev: 2wiki", corrected, None)) != key
+    other_corpus = TestSet("dev: 2wiki", examples, type("R", (), {"corpus": ["Alpha | born in Beta"]})())
+    assert evaluation_key({"data_hash": "a"}, config, other_corpus) != key
+    monkeypatch.setattr(vllm_module, "vllm_available", lambda: True)  # another machine, with vLLM
+    on_vllm = evaluation_key({"data_hash": "a"}, RunConfig(engine="vllm"), testset)
+    assert on_vllm != evaluation_key({"data_hash": "a"}, RunConfig(engine="transformers"), testset)
     assert records.load("steper/seed-0", testset.name, "other") is None
     assert records.load("steper/seed-1", testset.name, key) is None
     path.write_bytes(b"not gzip")  # a damaged record is computed again, not trusted
+    assert records.load("steper/seed-0", testset.name, key) is None
+    with gzip.open(path, "wt") as f:
+        json.dump({"key": key, "report": {"rows": "not rows"}}, f)
     assert records.load("steper/seed-0", testset.name, key) is None
 
 

@@ -60,9 +60,9 @@ class RunConfig(BaseModel):
         seeds: Training seeds: each trained system is trained and evaluated once per seed (into
             ``<output>/<system>/seed-<n>``) and reported by the mean over seeds, with intervals and paired tests
             over the questions; by default once, with ``training.seed``.
-        evaluations: Folder of the finished evaluations of trained runs (default ``<output>/evaluations``): a
-            rerun reads a run's record instead of training and evaluating it again, as long as the harvest,
-            settings, seed and questions are the same. Commit it to finish a long benchmark over several
+        evaluations: Folder of the finished evaluations of the students, trained and untrained (default
+            ``<output>/evaluations``): a rerun reads a run's record instead of training and evaluating it again,
+            as long as the harvest, settings, seed, engine and questions are the same. Commit it to finish a long benchmark over several
             sessions.
     """
 

@@ -1,11 +1,15 @@
-"""Finished evaluations of trained runs, kept per run and test set so that a rerun reuses them.
+"""Finished evaluations of students, kept per run and test set so that a rerun reuses them.
 
 A benchmark of several systems and seeds is many hours of training and evaluation on a CPU. Each finished
-(run, test set) evaluation is written at once, keyed by everything that decides its outcome: the training run's
-identity (the samples' hash, the base model's fingerprint, the training settings), the program and the test
-questions. A rerun whose key matches reads the record instead of training and evaluating again; any change
-(another harvest, seed, setting or question) misses the key and the run is computed afresh. With the folder
-committed (the run config's ``evaluations``), a benchmark can be finished over several sessions or machines.
+(run, test set) evaluation is written at once (trained runs and the untrained student), keyed by what decides
+its outcome and can change between runs: the student's identity (for a trained run the samples' hash, the base
+model's fingerprint and the training settings), the engine that generates, the program's settings, and the test
+questions with their answers and corpus. A rerun whose key matches reads the record instead of training and
+evaluating again; any such change misses the key and the run is computed afresh. With the folder committed (the
+run config's ``evaluations``), a benchmark can be finished over several sessions or machines.
+
+What the key cannot see is the code: bump `RECORD_FORMAT` when a change to the programs, the student's prompts or
+generation settings, or the metrics changes what an evaluation gives.
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ from typing import Any
 from steper_dspy.evals.evaluate import EvaluationReport
 from steper_dspy.evals.experiment.config import RunConfig
 from steper_dspy.evals.experiment.task import TestSet
+from steper_dspy.lm.local import resolve_engine
 
 RECORD_FORMAT = 1
 
@@ -31,19 +36,25 @@ class StoredEvaluation:
     training: dict[str, Any]
 
 
-def evaluation_key(training_identity: dict[str, Any], config: RunConfig, testset: TestSet) -> str:
-    """sha256 of what decides a trained run's evaluation on `testset`: the training identity (see
-    `STEPER.training_identity`), the program's settings and the test questions."""
+def evaluation_key(student: dict[str, Any], config: RunConfig, testset: TestSet) -> str:
+    """sha256 of what decides a student's evaluation on `testset`: the student's identity (for a trained run
+    `STEPER.training_identity`), the engine, the program's settings, and the test questions (every field:
+    answers, aliases, supporting titles) with their corpus."""
+    digest = hashlib.sha256()
     content = {
         "format": RECORD_FORMAT,
-        "training": training_identity,
+        "student": student,
+        "engine": resolve_engine(config.engine, config.student),
         "program": config.program,
         "k": config.k,
         "max_steps": config.max_steps,
         "test_set": testset.name,
-        "questions": [[getattr(e, "id", None), e.question] for e in testset.examples],
+        "questions": [example.toDict() for example in testset.examples],
     }
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    digest.update(json.dumps(content, sort_keys=True, default=str).encode())
+    for passage in getattr(testset.retriever, "corpus", None) or []:
+        digest.update(passage.encode() + b"\n")
+    return digest.hexdigest()
 
 
 class EvaluationRecords:
@@ -62,11 +73,11 @@ class EvaluationRecords:
         try:
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, EOFError, ValueError):
+            if data.get("key") != key:
+                return None
+            return StoredEvaluation(EvaluationReport.from_dict(data["report"]), data.get("training", {}))
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        if data.get("key") != key:
-            return None
-        return StoredEvaluation(EvaluationReport.from_dict(data["report"]), data.get("training", {}))
 
     def save(self, run: str, testset: str, key: str, report: EvaluationReport, training: dict[str, Any]) -> Path:
         """Write the record of `run` on `testset` (atomically: a stopped run leaves no half-written record)."""

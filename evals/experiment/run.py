@@ -25,7 +25,7 @@ from steper_dspy.evals.experiment.task import Task, TestSet, load_task
 from steper_dspy.lm.local import release_lm
 from steper_dspy.lm.models import model_fingerprint
 from steper_dspy.training import TrainingResult
-from steper_dspy.training.train import LOG_FILE
+from steper_dspy.training.train import LOG_FILE, RESULT_FILE
 
 CONFIG_FILE = "config.yaml"
 UNTRAINED, UNTRAINED_NAME = "untrained", "untrained student"  # its records' folder, its name in reports
@@ -174,13 +174,12 @@ def run_experiment(
         "student": config.student,
     }
     training_log = None
-    if main_folder is not None:
+    if main_folder is not None and (main_folder / "model" / RESULT_FILE).is_file():  # not when read from records
         details["compiled program"] = str(main_folder / "program")
         details["trained model"] = str(main_folder / "model")
         if speed := training[main_system.name][0].get("tokens_per_second"):
             details["training tokens/s"] = f"{speed:.0f}"
-        if (main_folder / "model" / LOG_FILE).is_file():  # absent when every evaluation was read from records
-            training_log = main_folder / "model" / LOG_FILE
+        training_log = main_folder / "model" / LOG_FILE
     path = write_report(
         out,
         results,
@@ -224,6 +223,8 @@ def train_and_evaluate(
         with timings.track(f"train {system}"):
             compiled = teleprompter.compile(task.program(config), trainset=task.trainset, teacher=teacher)
         summary = teleprompter.training_result.figures()
+        # compile's harvest may have retried chains that had failed on teacher errors: key what was trained.
+        keys, _ = recorded_evaluations(records, run, teleprompter.training_identity(), config, task, load=False)
         with timings.track(f"eval {system}"):
             for testset in missing:
                 reports[testset.name] = evaluate_compiled(config, compiled, testset)
@@ -237,9 +238,8 @@ def evaluate_untrained(
 ) -> None:
     """Evaluate the untrained student (the base model with the steps' instructions) on every test set, or read
     its recorded evaluations back (keyed by the base model's fingerprint, the program and the questions)."""
-    keys, stored = recorded_evaluations(
-        records, UNTRAINED, {"untrained": model_fingerprint(config.student)}, config, task
-    )
+    identity = {"untrained": model_fingerprint(config.student), "layout": student_adapter(instructions=True).layout}
+    keys, stored = recorded_evaluations(records, UNTRAINED, identity, config, task)
     if len(stored) < len(task.testsets):
         untrained = run_student_lm(config, config.student)
         evaluate_system(results, timings, UNTRAINED_NAME, config, task, untrained, student=True, instructions=True)
@@ -252,11 +252,13 @@ def evaluate_untrained(
 
 
 def recorded_evaluations(
-    records: EvaluationRecords, run: str, identity: dict[str, Any], config: RunConfig, task: Task
+    records: EvaluationRecords, run: str, identity: dict[str, Any], config: RunConfig, task: Task, *, load: bool = True
 ) -> tuple[dict[str, str], dict[str, StoredEvaluation]]:
-    """The record keys of `run` (whose model `identity` describes) per test set, and the records found for them."""
+    """The record keys of `run` (whose model `identity` describes) per test set, and the records found for them
+    (none looked up when not `load`)."""
     keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
-    stored = {name: found for name, key in keys.items() if (found := records.load(run, name, key)) is not None}
+    found = {name: records.load(run, name, key) for name, key in keys.items()} if load else {}
+    stored = {name: record for name, record in found.items() if record is not None}
     if stored:
         console.print(f"{run}: reusing the recorded evaluation on {', '.join(stored)}")
     return keys, stored
