@@ -102,7 +102,12 @@ def test_benchmark_trains_each_system_on_the_shared_harvest(tmp_path, tiny_model
     config = quickstart_config(output=str(tmp_path / "bench"), student=str(tiny_model_dir))
     config.training = {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 8192, "logging_steps": 1}
     config.seeds = [0, 1]
+    released = []
+    monkeypatch.setattr(experiment_run, "release_lm", lambda lm: released.append(lm.model))
     results = run_experiment(config, systems=["vanilla-kd", "fixed"], include_teacher=True)
+    # The teacher once it is done, then each of the 4 trained students after its evaluation: no server piles up.
+    assert released[0].startswith("steper-replay/") and len(released) == 1 + 4
+    assert all(model != released[0] for model in released[1:])
     (by_system,) = results.values()
     assert list(by_system) == ["teacher", "Vanilla-KD", "step-wise KD (fixed 1:1:1 per stage)"]
     out = tmp_path / "bench"

@@ -160,6 +160,11 @@ def test_rollouts_add_chains_per_question(tmp_path):
     assert len(list(store.samples(rollouts=2))) == 2 * len(greedy)
     report, _ = run_harvest(tmp_path / "h.jsonl", ["Where was Alpha born?"], rollouts=1)
     assert (report.chains, report.new_chains, report.kept) == (1, 0, 1)  # the run's own chains, as it trains
+    from steper_dspy.compilers import STEPER
+    from steper_dspy.training import data_hash, validate_samples
+
+    greedy_run = STEPER("no-model", output_dir=tmp_path / "run", harvest_path=tmp_path / "h.jsonl", rollouts=1)
+    assert greedy_run.training_identity()["data_hash"] == data_hash(validate_samples(greedy))  # what it trains on
 
 
 def test_the_report_counts_questions_and_can_be_restricted_to_questions_and_first_rollouts(tmp_path):
