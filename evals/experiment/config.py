@@ -62,8 +62,8 @@ class RunConfig(BaseModel):
             over the questions; by default once, with ``training.seed``.
         evaluations: Folder of the finished evaluations of the students, trained and untrained (default
             ``<output>/evaluations``): a rerun reads a run's record instead of training and evaluating it again,
-            as long as the harvest, settings, seed, engine and questions are the same. Commit it to finish a long benchmark over several
-            sessions.
+            as long as the harvest, settings, seed, engine and questions are the same. Commit it to finish a long
+            benchmark over several sessions.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
