@@ -264,3 +264,44 @@ def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests()
     shorter.rows = shorter.rows[:5]
     with pytest.raises(SteperError, match="different questions"):
         combine_runs([run(1), shorter])
+
+
+def test_a_training_identical_to_a_recorded_run_reuses_its_evaluation_without_training(tmp_path, capsys):
+    """E.g. STEPER with a step filter that flagged no step: the same samples and settings, so the same model."""
+    import dspy
+
+    from steper_dspy.evals.evaluate import build_report
+    from steper_dspy.evals.experiment.records import EvaluationRecords
+    from steper_dspy.evals.experiment.report import _training_lines
+    from steper_dspy.evals.experiment.run import Timings, recorded_evaluations, train_and_evaluate
+    from steper_dspy.evals.experiment.task import Task, TestSet
+
+    examples = [dspy.Example(id=f"q{i}", question=f"q{i}?", answer="yes", hops=2) for i in range(3)]
+    answers = [type("P", (), {"answer": "yes" if i else "no", "steps": 2})() for i in range(3)]
+    task = Task([], None, [TestSet("dev", examples, None), TestSet("other", examples[:2], None)])
+    config, records = RunConfig(), EvaluationRecords(tmp_path)
+    report = build_report(zip(examples, answers, strict=True))
+    keys, _ = recorded_evaluations(records, "steper/seed-0", {"data_hash": "a"}, config, task, load=False)
+    for name, key in keys.items():
+        records.save("steper/seed-0", name, key, report, {"train_seconds": 9.0})
+
+    class Identical:
+        def training_identity(self):
+            return {"data_hash": "a"}
+
+        def compile(self, *args, **kwargs):
+            raise AssertionError("trained again")
+
+    reports, summary = train_and_evaluate(
+        config, task, Identical(), None, records, "steper-grounded/seed-0", "STEPER + filter", Timings()
+    )
+    assert {name: r.rows for name, r in reports.items()} == {"dev": report.rows, "other": report.rows}
+    assert summary == {"train_seconds": 9.0, "same_as": "steper/seed-0"}
+    assert "the same training as steper/seed-0" in " ".join(capsys.readouterr().out.split())
+    copied = records.load("steper-grounded/seed-0", "dev", keys["dev"])  # recorded as its own: a rerun reads it
+    assert copied.training["same_as"] == "steper/seed-0"
+    assert "same training as steper/seed-0" in _training_lines({"STEPER + filter": [{"seed": 0, **summary}]})[2]
+    # Another identity (other samples or settings) finds no record of another run: it is trained.
+    Identical.training_identity = lambda self: {"data_hash": "b"}
+    with pytest.raises(AssertionError, match="trained again"):
+        train_and_evaluate(config, task, Identical(), None, records, "steper-agg-init/seed-0", "x", Timings())

@@ -69,15 +69,19 @@ class EvaluationRecords:
 
     def load(self, run: str, testset: str, key: str) -> StoredEvaluation | None:
         """The record of `run` on `testset` if there is one for `key`, else None (absent, stale or unreadable)."""
-        path = self.path(run, testset)
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
-            if data.get("key") != key:
-                return None
-            return StoredEvaluation(EvaluationReport.from_dict(data["report"]), data.get("training", {}))
-        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
-            return None
+        return _read(self.path(run, testset), key)
+
+    def find(self, testset: str, key: str) -> tuple[str, StoredEvaluation] | None:
+        """The record of any run on `testset` for `key`, with the run's name, or None.
+
+        Two systems whose trainings are identical (the same samples and settings: e.g. a step filter that
+        flagged no step) make the same model, so one's evaluation is the other's.
+        """
+        for path in sorted(self.folder.rglob(self.path("", testset).name)):
+            found = _read(path, key)
+            if found is not None:
+                return path.parent.relative_to(self.folder).as_posix(), found
+        return None
 
     def save(self, run: str, testset: str, key: str, report: EvaluationReport, training: dict[str, Any]) -> Path:
         """Write the record of `run` on `testset` (atomically: a stopped run leaves no half-written record)."""
@@ -89,3 +93,14 @@ class EvaluationRecords:
             json.dump(record, f, default=str)
         tmp.replace(path)
         return path
+
+
+def _read(path: Path, key: str) -> StoredEvaluation | None:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("key") != key:
+            return None
+        return StoredEvaluation(EvaluationReport.from_dict(data["report"]), data.get("training", {}))
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -234,8 +234,9 @@ def _training_lines(training: dict[str, list[dict[str, Any]]]) -> list[str]:
             samples = ", ".join(f"{k} {v}" for k, v in run.get("num_samples", {}).items())
             sigmas = ", ".join(f"{k} {v:.2f}" for k, v in run.get("sigmas", {}).items())
             loss = "-" if run.get("final_loss") is None else f"{run['final_loss']:.3f}"
+            seconds = f"same training as {run['same_as']}" if run.get("same_as") else _fmt(run.get("train_seconds"))
             lines.append(
-                f"| {system} | {run['seed']} | {samples} | {_fmt(run.get('train_seconds'))} | "
+                f"| {system} | {run['seed']} | {samples} | {seconds} | "
                 f"{_fmt(run.get('tokens_per_second'))} | {loss} | {sigmas} |"
             )
     return lines

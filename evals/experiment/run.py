@@ -255,12 +255,23 @@ def recorded_evaluations(
     records: EvaluationRecords, run: str, identity: dict[str, Any], config: RunConfig, task: Task, *, load: bool = True
 ) -> tuple[dict[str, str], dict[str, StoredEvaluation]]:
     """The record keys of `run` (whose model `identity` describes) per test set, and the records found for them
-    (none looked up when not `load`)."""
+    (none looked up when not `load`). A test set without a record of `run` takes another run's record for the
+    same key (an identical training: same samples and settings), copied as `run`'s with ``same_as`` naming it."""
     keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
     found = {name: records.load(run, name, key) for name, key in keys.items()} if load else {}
     stored = {name: record for name, record in found.items() if record is not None}
     if stored:
         console.print(f"{run}: reusing the recorded evaluation on {', '.join(stored)}")
+    for name in [name for name in keys if name not in stored] if load else []:
+        same = records.find(name, keys[name])
+        if same is not None:
+            other, record = same
+            record.training = {**record.training, "same_as": record.training.get("same_as", other)}
+            records.save(run, name, keys[name], record.report, record.training)
+            stored[name] = record
+            console.print(
+                f"{run}: the same training as {other} (same samples and settings): reusing its evaluation on {name}"
+            )
     return keys, stored
 
 
