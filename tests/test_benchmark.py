@@ -272,36 +272,46 @@ def test_a_training_identical_to_a_recorded_run_reuses_its_evaluation_without_tr
 
     from steper_dspy.evals.evaluate import build_report
     from steper_dspy.evals.experiment.records import EvaluationRecords
-    from steper_dspy.evals.experiment.report import _training_lines
+    from steper_dspy.evals.experiment.report import write_report
     from steper_dspy.evals.experiment.run import Timings, recorded_evaluations, train_and_evaluate
     from steper_dspy.evals.experiment.task import Task, TestSet
 
     examples = [dspy.Example(id=f"q{i}", question=f"q{i}?", answer="yes", hops=2) for i in range(3)]
     answers = [type("P", (), {"answer": "yes" if i else "no", "steps": 2})() for i in range(3)]
     task = Task([], None, [TestSet("dev", examples, None), TestSet("other", examples[:2], None)])
-    config, records = RunConfig(), EvaluationRecords(tmp_path)
+    config, records = RunConfig(), EvaluationRecords(tmp_path / "records")
     report = build_report(zip(examples, answers, strict=True))
     keys, _ = recorded_evaluations(records, "steper/seed-0", {"data_hash": "a"}, config, task, load=False)
     for name, key in keys.items():
         records.save("steper/seed-0", name, key, report, {"train_seconds": 9.0})
 
-    class Identical:
+    class Teleprompter:
+        def __init__(self, data_hash):
+            self.data_hash = data_hash
+
         def training_identity(self):
-            return {"data_hash": "a"}
+            return {"data_hash": self.data_hash}
 
         def compile(self, *args, **kwargs):
             raise AssertionError("trained again")
 
-    reports, summary = train_and_evaluate(
-        config, task, Identical(), None, records, "steper-grounded/seed-0", "STEPER + filter", Timings()
-    )
+    def run(name, data_hash="a"):
+        return train_and_evaluate(config, task, Teleprompter(data_hash), None, records, name, name, Timings())
+
+    reports, summary = run("steper-grounded/seed-0")
     assert {name: r.rows for name, r in reports.items()} == {"dev": report.rows, "other": report.rows}
     assert summary == {"train_seconds": 9.0, "same_as": "steper/seed-0"}
-    assert "the same training as steper/seed-0" in " ".join(capsys.readouterr().out.split())
+    assert "evaluation of the same training (steper/seed-0) on dev, other" in " ".join(capsys.readouterr().out.split())
     copied = records.load("steper-grounded/seed-0", "dev", keys["dev"])  # recorded as its own: a rerun reads it
     assert copied.training["same_as"] == "steper/seed-0"
-    assert "same training as steper/seed-0" in _training_lines({"STEPER + filter": [{"seed": 0, **summary}]})[2]
+    write_report(
+        tmp_path, {"dev": reports}, title="t", details={}, timings={}, training={"filtered": [{"seed": 0, **summary}]}
+    )
+    assert "same training as steper/seed-0" in (tmp_path / "report.md").read_text()
+    # A copy of a copy still names the run that was trained; a run never names itself.
+    (records.folder / "steper" / "seed-0" / "dev.json.gz").unlink()
+    assert run("third/seed-0")[1]["same_as"] == "steper/seed-0"
+    assert "same_as" not in run("steper/seed-0")[1]
     # Another identity (other samples or settings) finds no record of another run: it is trained.
-    Identical.training_identity = lambda self: {"data_hash": "b"}
     with pytest.raises(AssertionError, match="trained again"):
-        train_and_evaluate(config, task, Identical(), None, records, "steper-agg-init/seed-0", "x", Timings())
+        run("steper-agg-init/seed-0", data_hash="b")

@@ -255,23 +255,34 @@ def recorded_evaluations(
     records: EvaluationRecords, run: str, identity: dict[str, Any], config: RunConfig, task: Task, *, load: bool = True
 ) -> tuple[dict[str, str], dict[str, StoredEvaluation]]:
     """The record keys of `run` (whose model `identity` describes) per test set, and the records found for them
-    (none looked up when not `load`). A test set without a record of `run` takes another run's record for the
-    same key (an identical training: same samples and settings), copied as `run`'s with ``same_as`` naming it."""
+    (none looked up when not `load`).
+
+    A test set without a record of `run` takes another run's record for the same key (an identical training:
+    the same samples and settings make the same model), saved as `run`'s with ``same_as`` naming the run that
+    was trained. So re-evaluating a run takes deleting its copies too (or bumping `RECORD_FORMAT`).
+    """
     keys = {testset.name: evaluation_key(identity, config, testset) for testset in task.testsets}
-    found = {name: records.load(run, name, key) for name, key in keys.items()} if load else {}
+    if not load:
+        return keys, {}
+    found = {name: records.load(run, name, key) for name, key in keys.items()}
     stored = {name: record for name, record in found.items() if record is not None}
     if stored:
         console.print(f"{run}: reusing the recorded evaluation on {', '.join(stored)}")
-    for name in [name for name in keys if name not in stored] if load else []:
+    copied: dict[str, str] = {}
+    for name in [name for name in keys if name not in stored]:
         same = records.find(name, keys[name])
-        if same is not None:
-            other, record = same
-            record.training = {**record.training, "same_as": record.training.get("same_as", other)}
-            records.save(run, name, keys[name], record.report, record.training)
-            stored[name] = record
-            console.print(
-                f"{run}: the same training as {other} (same samples and settings): reusing its evaluation on {name}"
-            )
+        if same is None:
+            continue
+        other, record = same
+        source = record.training.get("same_as") or other  # the run that was trained, when `other` is a copy too
+        record.training = {k: v for k, v in record.training.items() if k != "same_as"}
+        if source != run:
+            record.training["same_as"] = source
+        records.save(run, name, keys[name], record.report, record.training)
+        stored[name], copied[name] = record, source
+    for source in dict.fromkeys(copied.values()):
+        names = ", ".join(name for name, s in copied.items() if s == source)
+        console.print(f"{run}: reusing the recorded evaluation of the same training ({source}) on {names}")
     return keys, stored
 
 
