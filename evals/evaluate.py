@@ -4,11 +4,13 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
 from steper_dspy.errors import SteperError
 from steper_dspy.evals.stats import bootstrap_interval
@@ -32,7 +34,8 @@ class EvaluationReport:
         by_type: Per `example.type`: `em`, `f1`, `accuracy` (percentages) and `count`.
         by_hops: The same per `example.hops`.
         rows: One dict a question: `id`, `question`, `gold`, `predicted`, `em`, `f1`, `accuracy`, `steps`, `type`,
-            `hops`, `recall`, `failed`.
+            `hops`, `recall`, `failed`, and `failure`: why it failed (e.g. "AdapterParseError in ExpandReasoning",
+            "no answer"), else `None`.
         seconds: Wall time of the evaluation.
         completion_tokens: Tokens the LMs generated during the evaluation (as their responses report them).
         prompt_tokens: Prompt tokens the LMs were sent.
@@ -76,12 +79,24 @@ class EvaluationReport:
             "tokens/s": self.completion_tokens / self.seconds if self.seconds else None,
             "prompt tokens/question": (self.prompt_tokens - self.cached_prompt_tokens) / n if n else None,
             "cached prompt tokens/question": self.cached_prompt_tokens / n if n else None,
+            **({"failure_reasons": self.failure_reasons()} if self.failures else {}),
             **(
                 {"seeds": len(self.runs), "accuracy_per_seed": [run["accuracy"] for run in self.runs]}
                 if self.runs
                 else {}
             ),
         }
+
+    def failure_reasons(self) -> dict[str, int]:
+        """Failed questions per reason, most frequent first (per run, for a report that combines seeds)."""
+        counts: Counter[str] = Counter()
+        for row in self.rows:
+            reasons = row.get("failure")  # None in records written before failures had reasons
+            for reason in reasons if isinstance(reasons, list) else [reasons]:
+                if reason:
+                    counts[reason] += 1
+        runs = max(1, len(self.runs))
+        return {reason: round(count / runs) for reason, count in counts.most_common()}
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: its rows, time and token counts (the rest is derived from the rows)."""
@@ -163,16 +178,17 @@ def evaluate_program(
 class _Scored:
     """One question's prediction until the metric has scored it, then only its result row."""
 
-    __slots__ = ("prediction", "row")
+    __slots__ = ("failure", "prediction", "row")
 
-    def __init__(self, prediction: Any) -> None:
+    def __init__(self, prediction: Any, failure: str | None = None) -> None:
         self.prediction: Any = prediction
+        self.failure = failure
         self.row: dict | None = None
 
 
 class _Scoring:
-    """Calls `program`, wrapping its prediction in a `_Scored` for `_score`, and counts the tokens of its LM
-    calls, failed calls included (each worker thread gets its own usage tracker, so count per call):
+    """Calls `program`, wrapping its prediction (or why it raised) in a `_Scored` for `_score`, and counts the
+    tokens of its LM calls, failed calls included (each worker thread gets its own usage tracker, so count per call):
     `tokens` is (generated, prompt, prompt served from cache)."""
 
     def __init__(self, program: dspy.Module) -> None:
@@ -184,6 +200,8 @@ class _Scoring:
         with dspy.track_usage() as usage:
             try:
                 return _Scored(self.program(**inputs))
+            except Exception as err:  # scored 0 and counted, like dspy.Evaluate's own failure_score, but explained
+                return _Scored(None, failure=failure_reason(err))
             finally:
                 counts = [usage_counts(u) for u in usage.get_total_tokens().values()]
                 with self._lock:
@@ -200,12 +218,20 @@ def usage_counts(usage: dict[str, Any]) -> tuple[int, int, int]:
     return int(generated), int(prompt), int(cached)
 
 
+def failure_reason(err: Exception) -> str:
+    """A short reason a program raised, naming the signature an output of which could not be parsed."""
+    if isinstance(err, AdapterParseError):
+        return f"{type(err).__name__} in {err.signature.__name__}"
+    message = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {message[0][:120]}" if message else type(err).__name__
+
+
 def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:
     """The answer F1, as `dspy.Evaluate`'s metric; it keeps the result row and drops the prediction, which
     `dspy.Evaluate` would otherwise hold (passages, rationales and all) until every question is answered."""
     if not isinstance(scored, _Scored):
         return answer_f1(example, scored)
-    scored.row = _score_row(example, scored.prediction)
+    scored.row = _score_row(example, scored.prediction, scored.failure)
     scored.prediction = None
     return scored.row["f1"]
 
@@ -213,7 +239,7 @@ def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:
 def _row(example: dspy.Example, scored: Any) -> dict:
     if not isinstance(scored, _Scored):  # a failed question: dspy.Evaluate put an empty prediction in its place
         return _score_row(example, scored)
-    return scored.row if scored.row is not None else _score_row(example, scored.prediction)
+    return scored.row if scored.row is not None else _score_row(example, scored.prediction, scored.failure)
 
 
 @contextlib.contextmanager
@@ -248,6 +274,7 @@ def combine_runs(reports: list[EvaluationReport]) -> EvaluationReport:
         for metric in ("em", "f1", "accuracy", "failed"):
             row[metric] = sum(float(r[metric]) for r in question_rows) / len(question_rows)
         row["predicted"] = [r["predicted"] for r in question_rows]
+        row["failure"] = [r.get("failure") for r in question_rows]
         rows.append(row)
     combined = _report(rows)
     # Failures, time and tokens are those of one run (their mean), so that per-question figures stay per run.
@@ -283,7 +310,7 @@ def _report(rows: list[dict]) -> EvaluationReport:
     )
 
 
-def _score_row(example: dspy.Example, prediction: Any) -> dict:
+def _score_row(example: dspy.Example, prediction: Any, failure: str | None = None) -> dict:
     predicted = predicted_answer(prediction)
     gold_titles = list(getattr(example, "supporting_titles", None) or [])
     return {
@@ -299,6 +326,7 @@ def _score_row(example: dspy.Example, prediction: Any) -> dict:
         "hops": getattr(example, "hops", None),
         "recall": _title_recall(gold_titles, getattr(prediction, "passages", None)) if gold_titles else None,
         "failed": predicted is None,
+        "failure": (failure or "no answer") if predicted is None else None,
     }
 
 

@@ -100,6 +100,58 @@ def test_errors_and_missing_answers_are_counted_not_fatal(num_threads):
     assert report.recall == pytest.approx(100 * (0 + 0.5 + 1 + 0) / 4)
 
 
+class ParseFailingProgram(dspy.Module):
+    """Fails like a student that cannot write an expansion step's fields, or whose LM is down."""
+
+    def forward(self, question):
+        from dspy.utils.exceptions import AdapterParseError
+
+        from steper_dspy.programs.signatures import ExpandReasoning
+
+        if question == DEVSET[0].question:
+            raise AdapterParseError("ChatAdapter", ExpandReasoning, "I think the answer is Quessa.")
+        if question == DEVSET[1].question:
+            raise ConnectionError("Connection refused\nwhile calling http://localhost:8000")
+        if question == DEVSET[2].question:
+            return dspy.Prediction(rationales=["I am not sure."], passages=[], steps=3)
+        return dspy.Prediction(answer="1931", passages=[], steps=3)
+
+
+def test_each_failure_is_explained_by_its_reason(tmp_path):
+    from steper_dspy.evals.evaluate import combine_runs
+    from steper_dspy.evals.experiment.report import write_report
+
+    report = evaluate_program(ParseFailingProgram(), DEVSET, num_threads=2, display_progress=False)
+    assert [row["failure"] for row in report.rows] == [
+        "AdapterParseError in ExpandReasoning",
+        "ConnectionError: Connection refused",
+        "no answer",
+        None,
+    ]
+    assert report.failures == 3 and report.accuracy == 25.0
+    assert report.summary()["failure_reasons"] == {
+        "AdapterParseError in ExpandReasoning": 1,
+        "ConnectionError: Connection refused": 1,
+        "no answer": 1,
+    }
+    assert "failure_reasons" not in evaluate_program(DictProgram(ANSWERS), DEVSET, display_progress=False).summary()
+    assert EvaluationReport.from_dict(report.to_dict()).failure_reasons() == report.failure_reasons()
+
+    seeds = combine_runs([report, report])  # per run, not summed over seeds
+    assert seeds.failure_reasons()["AdapterParseError in ExpandReasoning"] == 1
+    old = report.to_dict()  # a record written before failures had reasons
+    old["rows"] = [{k: v for k, v in row.items() if k != "failure"} for row in old["rows"]]
+    old_report = EvaluationReport.from_dict(old)
+    assert old_report.failures == 3 and old_report.failure_reasons() == {}
+
+    text = write_report(tmp_path, {"2wiki": {"student": seeds, "old": old_report}}, title="t", details={}, timings={})
+    assert (
+        "- student: 1 AdapterParseError in ExpandReasoning, 1 ConnectionError: Connection refused, 1 no answer"
+        in text.read_text()
+    )
+    assert "- old:" not in text.read_text()
+
+
 def test_a_run_where_every_question_fails_still_reports():
     program = DictProgram(ANSWERS, fail_on=set(ANSWERS))
     report = evaluate_program(program, DEVSET, display_progress=False)
