@@ -146,3 +146,16 @@ def test_harvest_and_train_record_their_config_before_the_long_run(tmp_path):
     result = CliRunner().invoke(app, ["train", "-o", str(out), "--epochs", "3"])
     assert result.exit_code != 0  # no harvest to train on
     assert RunConfig.load(out / "config.yaml").training["num_train_epochs"] == 3
+
+
+def test_teacher_none_replays_the_recording_without_the_configs_live_teacher(tmp_path):
+    from steper_dspy.cli.app import _config
+    from steper_dspy.evals.experiment import recorded_teacher_path, teacher_lm
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"teacher: {tmp_path}/not-here.gguf\nrecording: {recorded_teacher_path()}\n")
+    assert _config(config).teacher == f"{tmp_path}/not-here.gguf"
+    replay = _config(config, teacher="none")
+    assert replay.teacher is None and replay.recording == str(recorded_teacher_path())
+    lm = teacher_lm(replay)  # a live teacher from the config would fail here: its model file does not exist
+    assert lm.model.startswith("steper-replay/") and not lm.engine.live

@@ -62,7 +62,7 @@ TestSizeOpt = Annotated[int | None, typer.Option(help="Held-out questions to eva
 TeacherOpt = Annotated[
     str | None,
     typer.Option(
-        help="Teacher LM: a litellm string (openai/gpt-4o-mini, hosted_vllm/..., ollama_chat/...), a hub id, a local folder or a GGUF file. Example: --teacher openai/gpt-4o-mini"
+        help="Teacher LM: a litellm string (openai/gpt-4o-mini, hosted_vllm/..., ollama_chat/...), a hub id, a local folder or a GGUF file; 'none' replays --recording only, overriding a config's teacher (nothing is started or called). Example: --teacher openai/gpt-4o-mini"
     ),
 ]
 ApiBaseOpt = Annotated[
@@ -137,6 +137,8 @@ def _config(config: Path | None, **options: object) -> RunConfig:
     stages = options.pop("stages", None)
     epochs, lr = options.pop("epochs", None), options.pop("lr", None)
     cfg = RunConfig.load(config, stages=stages.split(",") if isinstance(stages, str) else None, **options)
+    if cfg.teacher == "none":  # e.g. a config's live teacher, when its recording already answers every call
+        cfg.teacher = None
     if epochs is not None or lr is not None:
         training = dict(cfg.training)
         if epochs is not None:
