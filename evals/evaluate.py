@@ -1,11 +1,11 @@
 """Evaluate a multi-hop program once with `dspy.Evaluate` and report EM, F1, accuracy, failures, steps and recall."""
 
 import contextlib
-import logging
+import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,11 +59,11 @@ class EvaluationReport:
     cached_prompt_tokens: int = 0
     runs: list[dict[str, float]] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, Any]:
         """The headline numbers as one flat dict: em, f1, accuracy (with its 95% bootstrap interval over the
-        questions, `accuracy_ci95`), failures, avg_steps, recall, n, seconds per
-        question, generated tokens per second of evaluation wall time, and prompt tokens per question computed
-        and served from a prefix cache."""
+        questions, `accuracy_ci95`), failures (and `failure_reasons` when any failed), avg_steps, recall, n,
+        seconds per question, generated tokens per second of evaluation wall time, prompt tokens per question
+        computed and served from a prefix cache, and for several seeds `seeds` and `accuracy_per_seed`."""
         n = len(self.rows)
         low, high = bootstrap_interval([float(row["accuracy"]) for row in self.rows])
         return {
@@ -87,8 +87,9 @@ class EvaluationReport:
             ),
         }
 
-    def failure_reasons(self) -> dict[str, int]:
-        """Failed questions per reason, most frequent first (per run, for a report that combines seeds)."""
+    def failure_reasons(self) -> dict[str, float]:
+        """Failed questions per reason, most frequent first; for a report that combines seeds, the mean per run
+        (a record written before failures had reasons counts none)."""
         counts: Counter[str] = Counter()
         for row in self.rows:
             reasons = row.get("failure")  # None in records written before failures had reasons
@@ -96,7 +97,7 @@ class EvaluationReport:
                 if reason:
                     counts[reason] += 1
         runs = max(1, len(self.runs))
-        return {reason: round(count / runs) for reason, count in counts.most_common()}
+        return {reason: count / runs for reason, count in counts.most_common()}
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: its rows, time and token counts (the rest is derived from the rows)."""
@@ -167,7 +168,7 @@ def evaluate_program(
         provide_traceback=False,
     )
     scoring, start = _Scoring(program), time.perf_counter()
-    with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext(), _quiet_failures():
+    with dspy.context(lm=lm) if lm is not None else contextlib.nullcontext():
         result = evaluator(scoring)
     report = _report([_row(example, scored) for example, scored, _ in result.results])
     report.seconds = time.perf_counter() - start
@@ -219,11 +220,15 @@ def usage_counts(usage: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def failure_reason(err: Exception) -> str:
-    """A short reason a program raised, naming the signature an output of which could not be parsed."""
+    """A short reason a program raised, the same for every question that failed alike: the signature whose
+    outputs could not be parsed, else the error's first line with its numbers (token counts, ids) as N."""
     if isinstance(err, AdapterParseError):
-        return f"{type(err).__name__} in {err.signature.__name__}"
+        name = getattr(err.signature, "__name__", "StringSignature")
+        if name == "StringSignature":  # a signature built at run time: name it by its outputs
+            name = "/".join(getattr(err.signature, "output_fields", None) or ["?"])
+        return f"{type(err).__name__} in {name}"
     message = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {message[0][:120]}" if message else type(err).__name__
+    return f"{type(err).__name__}: {re.sub(r'[0-9]+', 'N', message[0])[:120]}" if message else type(err).__name__
 
 
 def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:
@@ -237,22 +242,9 @@ def _score(example: dspy.Example, scored: Any, trace: Any = None) -> float:
 
 
 def _row(example: dspy.Example, scored: Any) -> dict:
-    if not isinstance(scored, _Scored):  # a failed question: dspy.Evaluate put an empty prediction in its place
-        return _score_row(example, scored)
+    if not isinstance(scored, _Scored):  # the metric raised, and dspy.Evaluate put an empty prediction in place
+        return _score_row(example, scored, "not scored: the metric raised")
     return scored.row if scored.row is not None else _score_row(example, scored.prediction, scored.failure)
-
-
-@contextlib.contextmanager
-def _quiet_failures() -> Iterator[None]:
-    # A weak student fails to parse on many questions; each failure is counted in the report, so DSPy's
-    # per-question error log (the whole unparsed completion) would only bury the progress bar.
-    logger = logging.getLogger("dspy.utils.parallelizer")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def combine_runs(reports: list[EvaluationReport]) -> EvaluationReport:

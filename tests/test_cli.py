@@ -159,3 +159,14 @@ def test_teacher_none_replays_the_recording_without_the_configs_live_teacher(tmp
     assert replay.teacher is None and replay.recording == str(recorded_teacher_path())
     lm = teacher_lm(replay)  # a live teacher from the config would fail here: its model file does not exist
     assert lm.model.startswith("steper-replay/") and not lm.engine.live
+
+
+def test_quickstart_teacher_none_is_the_shipped_recording(monkeypatch):
+    from steper_dspy.cli import app as cli
+    from steper_dspy.evals.experiment import recorded_teacher_path
+
+    configs = []
+    monkeypatch.setattr(cli, "run_experiment", lambda config, **_: configs.append(config))
+    result = CliRunner().invoke(app, ["quickstart", "--teacher", "None", "--student", "any-local-student"])
+    assert result.exit_code == 0, result.output
+    assert configs[0].teacher is None and configs[0].recording == str(recorded_teacher_path())

@@ -111,45 +111,57 @@ class ParseFailingProgram(dspy.Module):
         if question == DEVSET[0].question:
             raise AdapterParseError("ChatAdapter", ExpandReasoning, "I think the answer is Quessa.")
         if question == DEVSET[1].question:
-            raise ConnectionError("Connection refused\nwhile calling http://localhost:8000")
+            raise ValueError(f"The prompt has {4000 + len(question)} tokens, over the model's 4096.\nShorten it.")
         if question == DEVSET[2].question:
             return dspy.Prediction(rationales=["I am not sure."], passages=[], steps=3)
         return dspy.Prediction(answer="1931", passages=[], steps=3)
 
 
-def test_each_failure_is_explained_by_its_reason(tmp_path):
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_each_failure_is_explained_by_its_reason(tmp_path, num_threads):
     from steper_dspy.evals.evaluate import combine_runs
     from steper_dspy.evals.experiment.report import write_report
 
-    report = evaluate_program(ParseFailingProgram(), DEVSET, num_threads=2, display_progress=False)
+    report = evaluate_program(ParseFailingProgram(), DEVSET, num_threads=num_threads, display_progress=False)
+    too_long = "ValueError: The prompt has N tokens, over the model's N."  # the same reason whatever the counts
     assert [row["failure"] for row in report.rows] == [
         "AdapterParseError in ExpandReasoning",
-        "ConnectionError: Connection refused",
+        too_long,
         "no answer",
         None,
     ]
     assert report.failures == 3 and report.accuracy == 25.0
     assert report.summary()["failure_reasons"] == {
         "AdapterParseError in ExpandReasoning": 1,
-        "ConnectionError: Connection refused": 1,
+        too_long: 1,
         "no answer": 1,
     }
     assert "failure_reasons" not in evaluate_program(DictProgram(ANSWERS), DEVSET, display_progress=False).summary()
     assert EvaluationReport.from_dict(report.to_dict()).failure_reasons() == report.failure_reasons()
 
-    seeds = combine_runs([report, report])  # per run, not summed over seeds
-    assert seeds.failure_reasons()["AdapterParseError in ExpandReasoning"] == 1
+    clean = evaluate_program(DictProgram(ANSWERS), DEVSET, display_progress=False)
+    seeds = combine_runs([report, clean])  # per run, not summed over seeds
+    assert seeds.failure_reasons()["AdapterParseError in ExpandReasoning"] == 0.5
     old = report.to_dict()  # a record written before failures had reasons
     old["rows"] = [{k: v for k, v in row.items() if k != "failure"} for row in old["rows"]]
     old_report = EvaluationReport.from_dict(old)
     assert old_report.failures == 3 and old_report.failure_reasons() == {}
 
     text = write_report(tmp_path, {"2wiki": {"student": seeds, "old": old_report}}, title="t", details={}, timings={})
-    assert (
-        "- student: 1 AdapterParseError in ExpandReasoning, 1 ConnectionError: Connection refused, 1 no answer"
-        in text.read_text()
-    )
+    assert f"- student: 0.5 AdapterParseError in ExpandReasoning, 0.5 {too_long}, 0.5 no answer" in text.read_text()
     assert "- old:" not in text.read_text()
+
+
+def test_a_signature_built_at_run_time_is_named_by_its_outputs():
+    from dspy.utils.exceptions import AdapterParseError
+
+    from steper_dspy.evals.evaluate import failure_reason
+    from steper_dspy.programs.signatures import ExpandReasoning
+
+    changed = ExpandReasoning.with_instructions("Reason one step further.")
+    assert failure_reason(AdapterParseError("ChatAdapter", changed, "...")) == (
+        "AdapterParseError in " + "/".join(ExpandReasoning.output_fields)
+    )
 
 
 def test_a_run_where_every_question_fails_still_reports():
@@ -241,3 +253,10 @@ def test_wall_time_and_generated_tokens_are_reported(tiny_model_dir, num_threads
     summary = report.summary()
     assert report.seconds > 0 and summary["s/question"] == pytest.approx(report.seconds / len(DEVSET))
     assert summary["tokens/s"] == pytest.approx(report.completion_tokens / report.seconds)
+
+
+def test_a_report_names_the_five_most_frequent_failure_reasons_and_sums_the_rest():
+    from steper_dspy.evals.experiment.report import _reasons
+
+    counts = {f"reason {i}": 10.0 - i for i in range(7)}
+    assert _reasons(counts) == "10 reason 0, 9 reason 1, 8 reason 2, 7 reason 3, 6 reason 4, 9 other"

@@ -251,11 +251,7 @@ def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
     reasons = {system: r.failure_reasons() for system, r in results.items() if r.failures}
     if any(reasons.values()):  # records written before failures had reasons have none
         lines += ["", "Failed questions by reason (per run):", ""]
-        lines += [
-            f"- {system}: " + ", ".join(f"{count} {reason}" for reason, count in by_reason.items())
-            for system, by_reason in reasons.items()
-            if by_reason
-        ]
+        lines += [f"- {system}: {_reasons(by_reason)}" for system, by_reason in reasons.items() if by_reason]
     groups = sorted(
         {(kind, key) for r in results.values() for kind in ("type", "hops") for key in getattr(r, f"by_{kind}")},
         key=str,
@@ -267,6 +263,13 @@ def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
             cells = [_fmt(getattr(r, f"by_{kind}").get(key, {}).get("accuracy")) for r in results.values()]
             lines.append(f"| {kind} {key} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _reasons(counts: dict[str, float], shown: int = 5) -> str:
+    """The most frequent failure reasons with their counts, the rest summed into "other"."""
+    parts = [f"{count:g} {reason}" for reason, count in list(counts.items())[:shown]]
+    rest = sum(list(counts.values())[shown:])
+    return ", ".join(parts + ([f"{rest:g} other"] if rest else []))
 
 
 def print_results(results: Results) -> None:

@@ -131,13 +131,18 @@ EngineOpt = Annotated[
 RUN_OPTIONS = set(RunConfig.model_fields) | {"epochs", "lr"}
 
 
+def live_teacher(teacher: str | None) -> str | None:
+    """The `--teacher` option as a run's live teacher: None for 'none' (replay the recording only)."""
+    return None if teacher is not None and teacher.lower() == "none" else teacher
+
+
 def _config(config: Path | None, **options: object) -> RunConfig:
     """The run settings from `config` and a command's options (its `locals()`); other options are left out."""
     options = {key: value for key, value in options.items() if key in RUN_OPTIONS}
     stages = options.pop("stages", None)
     epochs, lr = options.pop("epochs", None), options.pop("lr", None)
     cfg = RunConfig.load(config, stages=stages.split(",") if isinstance(stages, str) else None, **options)
-    if cfg.teacher == "none":  # e.g. a config's live teacher, when its recording already answers every call
+    if cfg.teacher != live_teacher(cfg.teacher):  # e.g. a config's teacher, when its recording answers every call
         cfg.teacher = None
     if epochs is not None or lr is not None:
         training = dict(cfg.training)
@@ -275,8 +280,9 @@ def quickstart(
 
     Example: steper quickstart            (or --teacher openai/gpt-4o-mini for a live teacher)
     """
+    options = {**locals(), "teacher": live_teacher(teacher)}
     run_experiment(
-        quickstart_config(**locals()), include_teacher=True, include_untrained=True, title="steper quickstart"
+        quickstart_config(**options), include_teacher=True, include_untrained=True, title="steper quickstart"
     )
 
 
