@@ -241,7 +241,7 @@ def test_benchmark_of_the_baselines_alone_neither_harvests_nor_trains(tmp_path, 
     assert "## Harvest" not in (out / "report.md").read_text()
 
 
-def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests():
+def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests(tmp_path):
     from steper_dspy.evals.evaluate import build_report, combine_runs
     from steper_dspy.evals.experiment.report import comparisons
 
@@ -260,6 +260,8 @@ def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests()
     assert tests["STEPER vs Vanilla-KD"]["p_value"] < 0.01
     assert tests["STEPER vs step-wise KD (uniform)"]["p_value"] > 0.05  # 1.5 points on 40 questions
     assert "mcnemar_p" not in tests["STEPER vs Vanilla-KD"]  # seed means are not 1/0 answers
+    text = write_report(tmp_path, results, title="t", details={}, timings={}).read_text()
+    assert "| STEPER | 80.0 | " in text and " | 75.0 / 85.0 / 80.0 | " in text  # the mean, then each seed
     shorter = run(1)
     shorter.rows = shorter.rows[:5]
     with pytest.raises(SteperError, match="different questions"):

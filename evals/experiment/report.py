@@ -14,8 +14,20 @@ from steper_dspy.stages import STAGES
 
 console = Console()
 
-COLUMNS = ("accuracy", "accuracy_ci95", "em", "f1", "recall", "avg_steps", "failures", "n", "s/question", "tokens/s")
-LABELS = {"accuracy_ci95": "accuracy 95% CI"}
+COLUMNS = (
+    "accuracy",
+    "accuracy_ci95",
+    "accuracy_per_seed",
+    "em",
+    "f1",
+    "recall",
+    "avg_steps",
+    "failures",
+    "n",
+    "s/question",
+    "tokens/s",
+)
+LABELS = {"accuracy_ci95": "accuracy 95% CI", "accuracy_per_seed": "accuracy per seed"}
 PAPER_METRICS = ("accuracy", "em", "f1")
 
 # Results of a run: test set name -> system name -> its evaluation.
@@ -30,7 +42,7 @@ def results_table(results: dict[str, EvaluationReport], title: str = "Held-out q
         table.add_column(LABELS.get(column, column), justify="right")
     for system, report in results.items():
         summary = report.summary()
-        table.add_row(system, *(_fmt(summary.get(column)) for column in COLUMNS))
+        table.add_row(system, *(_cell(summary, column) for column in COLUMNS))
     return table
 
 
@@ -56,6 +68,13 @@ def _paper_cells(results: Results, system: str) -> list[str]:
         for by_system in results.values()
         for metric in PAPER_METRICS
     ]
+
+
+def _cell(summary: dict[str, Any], column: str) -> str:
+    """One summary figure as a table cell: an interval as low-high, a system's seeds as a / b / c."""
+    if column == "accuracy_per_seed" and summary.get(column):
+        return " / ".join(f"{value:.1f}" for value in summary[column])
+    return _fmt(summary.get(column))
 
 
 def _fmt(value: float | int | list | None) -> str:
@@ -247,7 +266,7 @@ def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
     lines = ["| system | " + " | ".join(LABELS.get(c, c) for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for system, report in results.items():
         summary = report.summary()
-        lines.append(f"| {system} | " + " | ".join(_fmt(summary.get(c)) for c in COLUMNS) + " |")
+        lines.append(f"| {system} | " + " | ".join(_cell(summary, c) for c in COLUMNS) + " |")
     reasons = {system: r.failure_reasons() for system, r in results.items() if r.failures}
     if any(reasons.values()):  # records written before failures had reasons have none
         lines += ["", "Failed questions by reason (per run):", ""]
