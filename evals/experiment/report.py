@@ -264,13 +264,15 @@ def _training_lines(training: dict[str, list[dict[str, Any]]]) -> list[str]:
 def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
     """Markdown: the results table of one test set, why questions failed, and accuracy by question type and hops."""
     lines = ["| system | " + " | ".join(LABELS.get(c, c) for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    reasons: dict[str, dict[str, float]] = {}
     for system, report in results.items():
         summary = report.summary()
         lines.append(f"| {system} | " + " | ".join(_cell(summary, c) for c in COLUMNS) + " |")
-    reasons = {system: r.failure_reasons() for system, r in results.items() if r.failures}
-    if any(reasons.values()):  # records written before failures had reasons have none
+        if summary.get("failure_reasons"):  # records written before failures had reasons have none
+            reasons[system] = summary["failure_reasons"]
+    if reasons:
         lines += ["", "Failed questions by reason (per run):", ""]
-        lines += [f"- {system}: {_reasons(by_reason)}" for system, by_reason in reasons.items() if by_reason]
+        lines += [f"- {system}: {_reasons(by_reason)}" for system, by_reason in reasons.items()]
     groups = sorted(
         {(kind, key) for r in results.values() for kind in ("type", "hops") for key in getattr(r, f"by_{kind}")},
         key=str,

@@ -142,8 +142,7 @@ def _config(config: Path | None, **options: object) -> RunConfig:
     stages = options.pop("stages", None)
     epochs, lr = options.pop("epochs", None), options.pop("lr", None)
     cfg = RunConfig.load(config, stages=stages.split(",") if isinstance(stages, str) else None, **options)
-    if cfg.teacher != live_teacher(cfg.teacher):  # e.g. a config's teacher, when its recording answers every call
-        cfg.teacher = None
+    cfg.teacher = live_teacher(cfg.teacher)  # 'none': replay the recording only, also over a config's teacher
     if epochs is not None or lr is not None:
         training = dict(cfg.training)
         if epochs is not None:
