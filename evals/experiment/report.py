@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from steper_dspy.evals.evaluate import EvaluationReport
+from steper_dspy.evals.experiment.systems import SYSTEMS
 from steper_dspy.evals.stats import mcnemar_p, paired_bootstrap_p
 from steper_dspy.stages import STAGES
 
@@ -146,8 +147,9 @@ def plot_accuracy(results: Results, out: Path) -> Path:
     return out
 
 
-# The paper's claims: STEPER against the baselines, on the same questions (system names of evals/experiment/systems.py).
-COMPARED = (("STEPER", "Vanilla-KD"), ("STEPER", "step-wise KD (uniform)"))
+# The paper's claims: STEPER against the baselines and against fixed per-stage weights (its weighting ablation),
+# on the same questions.
+COMPARED = tuple((SYSTEMS["steper"].name, SYSTEMS[other].name) for other in ("vanilla-kd", "stepwise-kd", "fixed"))
 
 
 def comparisons(results: Results) -> dict[str, dict[str, dict[str, float]]]:
