@@ -260,3 +260,4 @@ def test_a_report_names_the_five_most_frequent_failure_reasons_and_sums_the_rest
 
     counts = {f"reason {i}": 10.0 - i for i in range(7)}
     assert _reasons(counts) == "10 reason 0, 9 reason 1, 8 reason 2, 7 reason 3, 6 reason 4, 9 other"
+    assert _reasons({"reason": 1 / 3}) == "0.3 reason"  # once in 3 seeds: a mean per run, to one decimal

@@ -204,8 +204,9 @@ def write_report(
         ]
         for name, tests in paired.items():
             for label, t in tests.items():
+                difference = round(t["difference"], 1) + 0.0  # float noise below 0 would print "-0.0"
                 lines.append(
-                    f"| {name} | {label} | {t['difference']:+.1f} | {t['p_value']:.3f} | "
+                    f"| {name} | {label} | {difference:+.1f} | {t['p_value']:.3f} | "
                     f"{'-' if 'mcnemar_p' not in t else format(t['mcnemar_p'], '.3f')} | {t['n']} |"
                 )
     if harvest_summary:
@@ -290,9 +291,9 @@ def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
 
 def _reasons(counts: dict[str, float], shown: int = 5) -> str:
     """The most frequent failure reasons with their counts, the rest summed into "other"."""
-    parts = [f"{count:g} {reason}" for reason, count in list(counts.items())[:shown]]
+    parts = [f"{round(count, 1):g} {reason}" for reason, count in list(counts.items())[:shown]]
     rest = sum(list(counts.values())[shown:])
-    return ", ".join(parts + ([f"{rest:g} other"] if rest else []))
+    return ", ".join(parts + ([f"{round(rest, 1):g} other"] if rest else []))
 
 
 def print_results(results: Results) -> None:
