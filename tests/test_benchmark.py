@@ -261,9 +261,11 @@ def test_seeds_combine_into_per_question_means_with_intervals_and_paired_tests(t
     assert tests["STEPER vs Vanilla-KD"]["p_value"] < 0.01
     assert tests["STEPER vs step-wise KD (uniform)"]["p_value"] > 0.05  # 1.5 points on 40 questions
     assert "mcnemar_p" not in tests["STEPER vs Vanilla-KD"]  # seed means are not 1/0 answers
-    fixed = "step-wise KD (fixed 1:1:1 per stage)"  # the weighting ablation is compared too
-    against_fixed = comparisons({"2wiki": {"STEPER": steper, fixed: run(20)}})["2wiki"]
-    assert against_fixed[f"STEPER vs {fixed}"]["difference"] == pytest.approx(30.0)
+    fixed = "step-wise KD (fixed 1:1:1 per stage)"  # the weighting and data ablations are compared too
+    fewer = "STEPER: aggregate + expand data"
+    against_ablations = comparisons({"2wiki": {"STEPER": steper, fixed: run(20), fewer: run(24)}})["2wiki"]
+    assert against_ablations[f"STEPER vs {fixed}"]["difference"] == pytest.approx(30.0)
+    assert against_ablations[f"STEPER vs {fewer}"]["difference"] == pytest.approx(20.0)
     text = write_report(tmp_path, results, title="t", details={}, timings={}).read_text()
     assert "| STEPER | 80.0 | " in text and " | 75.0 / 85.0 / 80.0 | " in text  # the mean, then each seed
     shorter = run(1)

@@ -147,9 +147,12 @@ def plot_accuracy(results: Results, out: Path) -> Path:
     return out
 
 
-# The paper's claims: STEPER against the baselines and against fixed per-stage weights (its weighting ablation),
-# on the same questions.
-COMPARED = tuple((SYSTEMS["steper"].name, SYSTEMS[other].name) for other in ("vanilla-kd", "stepwise-kd", "fixed"))
+# The paper's claims: STEPER against the baselines, against fixed per-stage weights (its weighting ablation) and
+# against training on fewer stages' data (its data ablation), on the same questions.
+COMPARED = tuple(
+    (SYSTEMS["steper"].name, SYSTEMS[other].name)
+    for other in ("vanilla-kd", "stepwise-kd", "fixed", "steper-agg-init", "steper-agg-expand")
+)
 
 
 def comparisons(results: Results) -> dict[str, dict[str, dict[str, float]]]:
