@@ -18,6 +18,8 @@ from steper_dspy.lm.local import program_concurrency
 from steper_dspy.metrics import answer_accuracy, answer_exact_match, answer_f1, predicted_answer
 from steper_dspy.retrieval import passage_title
 
+UNRECORDED = "reason not recorded"  # a failure read from a record written before failures had reasons
+
 
 @dataclass
 class EvaluationReport:
@@ -88,11 +90,10 @@ class EvaluationReport:
         }
 
     def failure_reasons(self) -> dict[str, float]:
-        """Failed questions per reason, most frequent first; for a report that combines seeds, the mean per run
-        (a record written before failures had reasons counts none)."""
+        """Failed questions per reason, most frequent first; for a report that combines seeds, the mean per run."""
         counts: Counter[str] = Counter()
         for row in self.rows:
-            reasons = row.get("failure")  # None in records written before failures had reasons
+            reasons = row.get("failure")
             for reason in reasons if isinstance(reasons, list) else [reasons]:
                 if reason:
                     counts[reason] += 1
@@ -112,8 +113,11 @@ class EvaluationReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvaluationReport":
-        """The report `to_dict` wrote, its figures recomputed from the rows."""
-        report = _report(data["rows"])
+        """The report `to_dict` wrote, its figures recomputed from the rows (a failed row of a record written
+        before failures had reasons gets the reason `UNRECORDED`, so that reasons still add up to failures)."""
+        report = _report(
+            [row if "failure" in row or not row["failed"] else {**row, "failure": UNRECORDED} for row in data["rows"]]
+        )
         report.seconds = data["seconds"]
         report.completion_tokens = data["completion_tokens"]
         report.prompt_tokens = data["prompt_tokens"]

@@ -145,11 +145,13 @@ def test_each_failure_is_explained_by_its_reason(tmp_path, num_threads):
     old = report.to_dict()  # a record written before failures had reasons
     old["rows"] = [{k: v for k, v in row.items() if k != "failure"} for row in old["rows"]]
     old_report = EvaluationReport.from_dict(old)
-    assert old_report.failures == 3 and old_report.failure_reasons() == {}
+    assert old_report.failures == 3 and old_report.failure_reasons() == {"reason not recorded": 3}
+    mixed = combine_runs([report, old_report])  # the reasons of one run and the other's failures still add up
+    assert mixed.failure_reasons()["reason not recorded"] == 1.5 and sum(mixed.failure_reasons().values()) == 3
 
     text = write_report(tmp_path, {"2wiki": {"student": seeds, "old": old_report}}, title="t", details={}, timings={})
     assert f"- student: 0.5 AdapterParseError in ExpandReasoning, 0.5 {too_long}, 0.5 no answer" in text.read_text()
-    assert "- old:" not in text.read_text()
+    assert "- old: 3 reason not recorded" in text.read_text()
 
 
 def test_a_signature_built_at_run_time_is_named_by_its_outputs():

@@ -118,7 +118,8 @@ def plot_training(log_path: Path, out: Path) -> Path | None:
 
 
 def plot_accuracy(results: Results, out: Path) -> Path:
-    """Bar chart of accuracy, EM and F1 per system, one panel per test set."""
+    """Bar chart of accuracy, EM and F1 per system, one panel per test set, stacked, on a shared percent axis
+    that ends a little above the highest bar (its interval included)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,8 +127,13 @@ def plot_accuracy(results: Results, out: Path) -> Path:
 
     systems = _systems(results)
     width = 0.8 / len(PAPER_METRICS)
-    fig, axes = plt.subplots(1, len(results), figsize=(len(results) * max(5, 1.8 * len(systems)), 3.8), squeeze=False)
-    for ax, (name, by_system) in zip(axes[0], results.items(), strict=True):
+    top = max(
+        [getattr(report, metric) for by_system in results.values() for report in by_system.values()
+         for metric in PAPER_METRICS]
+        + [report.summary()["accuracy_ci95"][1] for by_system in results.values() for report in by_system.values()]
+    )  # fmt: skip
+    fig, axes = plt.subplots(len(results), 1, figsize=(max(5, 1.5 * len(systems)), 3.4 * len(results)), squeeze=False)
+    for ax, (name, by_system) in zip(axes[:, 0], results.items(), strict=True):
         for i, metric in enumerate(PAPER_METRICS):
             values = [getattr(by_system[s], metric) if s in by_system else 0.0 for s in systems]
             errors = None
@@ -139,7 +145,7 @@ def plot_accuracy(results: Results, out: Path) -> Path:
             bars = ax.bar(xs, values, width, label=metric, yerr=errors, capsize=3 if errors else 0)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks([x + width for x in range(len(systems))], [textwrap.fill(s, 14) for s in systems], fontsize=8)
-        ax.set(ylabel="%", ylim=(0, 105), title=name)
+        ax.set(ylabel="%", ylim=(0, min(105, 1.15 * top + 5)), title=name)
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -274,7 +280,7 @@ def _test_set_lines(results: dict[str, EvaluationReport]) -> list[str]:
     for system, report in results.items():
         summary = report.summary()
         lines.append(f"| {system} | " + " | ".join(_cell(summary, c) for c in COLUMNS) + " |")
-        if summary.get("failure_reasons"):  # records written before failures had reasons have none
+        if summary.get("failure_reasons"):
             reasons[system] = summary["failure_reasons"]
     if reasons:
         lines += ["", "Failed questions by reason (per run):", ""]
