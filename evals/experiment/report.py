@@ -127,20 +127,25 @@ def plot_accuracy(results: Results, out: Path) -> Path:
 
     systems = _systems(results)
     width = 0.8 / len(PAPER_METRICS)
+    # The 95% bootstrap interval over questions of each accuracy, computed once for the error bars and the axis.
+    intervals = {
+        name: {s: report.summary()["accuracy_ci95"] for s, report in by_system.items()}
+        for name, by_system in results.items()
+    }
     top = max(
         [getattr(report, metric) for by_system in results.values() for report in by_system.values()
          for metric in PAPER_METRICS]
-        + [report.summary()["accuracy_ci95"][1] for by_system in results.values() for report in by_system.values()]
+        + [high for by_system in intervals.values() for _, high in by_system.values()]
     )  # fmt: skip
     fig, axes = plt.subplots(len(results), 1, figsize=(max(5, 1.5 * len(systems)), 3.4 * len(results)), squeeze=False)
     for ax, (name, by_system) in zip(axes[:, 0], results.items(), strict=True):
         for i, metric in enumerate(PAPER_METRICS):
             values = [getattr(by_system[s], metric) if s in by_system else 0.0 for s in systems]
             errors = None
-            if metric == "accuracy":  # the 95% bootstrap interval over questions
-                intervals = [by_system[s].summary()["accuracy_ci95"] if s in by_system else [0, 0] for s in systems]
-                errors = [[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals, strict=True)],
-                          [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals, strict=True)]]  # fmt: skip
+            if metric == "accuracy":
+                bounds = [intervals[name].get(s, [0, 0]) for s in systems]
+                errors = [[max(0.0, v - lo) for v, (lo, _) in zip(values, bounds, strict=True)],
+                          [max(0.0, hi - v) for v, (_, hi) in zip(values, bounds, strict=True)]]  # fmt: skip
             xs = [x + i * width for x in range(len(systems))]
             bars = ax.bar(xs, values, width, label=metric, yerr=errors, capsize=3 if errors else 0)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
